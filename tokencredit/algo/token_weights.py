@@ -1,0 +1,398 @@
+"""Token weights and sample-polarity advantages: which tokens (and rows) carry the
+policy gradient.
+
+Methods, each a pure function (tensors in, tensors out, masks everywhere):
+
+- Forking tokens (Wang et al. 2025, "Beyond the 80/20 Rule", arXiv 2506.01939;
+  papers/beyond-80-20-summary.txt, METHODS.md section 3): keep the tokens whose
+  entropy is in the top `top` fraction (0.2) of the valid tokens in scope,
+  weight 0 elsewhere. Controls: bottom 80% (`forking_low_mask`) and a random
+  subset of the same size (`random_token_mask`).
+- Entropy band (cancellation paper, Fig. 5b: the boosted-minus-suppressed value
+  gap peaks for the top-40% entropy subset): `entropy_band_mask`.
+- Sample polarity (Zhu et al. 2025, arXiv 2506.01347; METHODS.md section 5):
+  PSR / NSR / W-REINFORCE *replace* the advantages (`polarity_advantages`); the
+  cancellation paper's controls keep GRPO advantages and mask rows by reward
+  (`sign_mask_advantages`).
+- ResRL (tokencredit/algo/resrl.py).
+
+`compute_token_weights` dispatches by name and returns
+`(token_weight (B, T) | None, advantages (B,), stats)`; the trainer multiplies
+A by token_weight inside the clipped surrogate.
+
+Deliberate simplifications / choices:
+
+- Scope. Every selection is a function of the *set* of rows passed in: the same
+  answer for any row order, different answers for different row sets. The trainer
+  chooses the scope (micro-batch as in the authors' verl code, mini-batch
+  (suggested default), or rollout batch) by what it passes.
+- Denominator. These functions only produce weights. Whether a weight-0 token
+  still counts in the token-mean denominator (paper and TRL: it does, "all";
+  authors' code: it does not, "kept") is the loss aggregation's choice.
+- k = max(1, ceil(top * N_valid)) is evaluated with a 1e-9 guard against float
+  noise, so 0.7 * 10 gives k = 7, not 8.
+
+Try it::
+
+    w, adv, stats = compute_token_weights("forking", entropy=ent, mask=mask,
+                                          advantages=adv, top=0.2)
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable
+
+import torch
+
+from tokencredit.registry import Registry
+
+from .resrl import resrl_weights
+
+__all__ = [
+    "forking_mask",
+    "forking_low_mask",
+    "random_token_mask",
+    "entropy_band_mask",
+    "polarity_advantages",
+    "polarity_weights",
+    "sign_mask_advantages",
+    "compute_token_weights",
+    "TOKEN_WEIGHT_METHODS",
+]
+
+_CEIL_GUARD = 1e-9
+
+
+def _count(frac: float, n: int) -> int:
+    """k = ceil(frac * n), robust to float noise (0.7 * 10 -> 7)."""
+    return int(math.ceil(frac * n - _CEIL_GUARD))
+
+
+def _check_frac(name: str, frac: float) -> None:
+    if not (0.0 < frac <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {frac}")
+
+
+def _check_shapes(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if entropy.shape != mask.shape:
+        raise ValueError(f"entropy {tuple(entropy.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    return mask > 0  # (B, T) bool valid tokens
+
+
+def forking_mask(entropy: torch.Tensor, mask: torch.Tensor, top: float = 0.2) -> torch.Tensor:
+    """Forking-token mask: entropy in the top `top` fraction of the valid tokens.
+
+    entropy: (B, T) float; mask: (B, T), > 0 = valid token.
+    Returns (B, T) float in {0, 1}.
+
+    threshold tau = the k-th largest valid entropy, k = max(1, ceil(top * N_valid));
+    keep valid tokens with H >= tau. Ties at tau are all kept, so the kept count is
+    exactly k unless ties straddle tau. Padding is never selected; N_valid = 0
+    gives all zeros; top = 1 keeps every valid token. top <= 0 or > 1: ValueError.
+    """
+    _check_frac("top", top)
+    valid = _check_shapes(entropy, mask)
+    out = torch.zeros(entropy.shape, dtype=torch.float32, device=entropy.device)
+    vals = entropy[valid].float()  # (N_valid,)
+    n = vals.numel()
+    if n == 0:
+        return out
+    k = max(1, _count(top, n))
+    tau = torch.topk(vals, k, sorted=False).values.min()  # k-th largest valid entropy
+    out[valid & (entropy.float() >= tau)] = 1.0  # 1[H_t >= tau_rho]
+    return out
+
+
+def forking_low_mask(entropy: torch.Tensor, mask: torch.Tensor, bottom: float = 0.8) -> torch.Tensor:
+    """Low-entropy control: entropy in the bottom `bottom` fraction of valid tokens.
+
+    entropy, mask: (B, T). Returns (B, T) float in {0, 1}.
+
+    The mirror of `forking_mask`: tau = the k-th smallest valid entropy,
+    k = max(1, ceil(bottom * N_valid)); keep valid tokens with H <= tau (ties kept).
+    It is not the exact complement of `forking_mask(1 - bottom)`: when
+    (1 - bottom) * N_valid is not an integer both round up and one token is in
+    both; ties at either threshold also overlap.
+    """
+    _check_frac("bottom", bottom)
+    valid = _check_shapes(entropy, mask)
+    out = torch.zeros(entropy.shape, dtype=torch.float32, device=entropy.device)
+    vals = entropy[valid].float()  # (N_valid,)
+    n = vals.numel()
+    if n == 0:
+        return out
+    k = max(1, _count(bottom, n))
+    tau = torch.topk(vals, k, largest=False, sorted=False).values.max()  # k-th smallest
+    out[valid & (entropy.float() <= tau)] = 1.0  # 1[H_t <= tau]
+    return out
+
+
+def random_token_mask(
+    mask: torch.Tensor,
+    count_like: torch.Tensor | int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random control: `count` valid tokens drawn uniformly without replacement.
+
+    mask: (B, T), > 0 = valid. count_like: an int, or a (B, T) mask whose number
+    of selected valid tokens (> 0 and valid) sets the count, e.g. a forking mask.
+    generator: torch.Generator for the draw (on CPU or on mask's device).
+    Returns (B, T) float in {0, 1} with exactly `count` ones, all on valid tokens.
+    """
+    valid = mask > 0  # (B, T)
+    n = int(valid.sum())
+    if isinstance(count_like, torch.Tensor):
+        if count_like.shape != mask.shape:
+            raise ValueError(f"count_like {tuple(count_like.shape)} must match mask {tuple(mask.shape)}")
+        count = int(((count_like > 0) & valid).sum())
+    else:
+        count = int(count_like)
+    if not 0 <= count <= n:
+        raise ValueError(f"count must be in [0, N_valid={n}], got {count}")
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    gen_dev = generator.device if generator is not None else torch.device("cpu")
+    pick = torch.randperm(n, generator=generator, device=gen_dev)[:count].to(mask.device)  # (count,)
+    flat = torch.zeros(n, dtype=torch.float32, device=mask.device)  # (N_valid,) row-major valid tokens
+    flat[pick] = 1.0
+    out[valid] = flat
+    return out
+
+
+def _top_fraction(entropy: torch.Tensor, mask: torch.Tensor, frac: float) -> torch.Tensor:
+    """forking_mask extended to frac = 0 (empty set). (B, T) float."""
+    if frac <= 0.0:
+        return torch.zeros(entropy.shape, dtype=torch.float32, device=entropy.device)
+    return forking_mask(entropy, mask, frac)
+
+
+def entropy_band_mask(entropy: torch.Tensor, mask: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Entropy band in "top fraction" coordinates: the tokens in the top `hi`
+    fraction but not in the top `lo` fraction of the valid tokens by entropy.
+
+    entropy, mask: (B, T). 0 <= lo < hi <= 1. Returns (B, T) float in {0, 1}.
+
+    Coordinate 0 is the highest entropy: band (0, 0.2) == forking_mask(top=0.2),
+    (0.2, 0.4) is the next 20%, and bands (0, a), (a, b), (b, 1) partition the
+    valid tokens (ties at a boundary fall in the higher-entropy band). The
+    cancellation paper (Fig. 5b) finds the value gap largest on the top-40%
+    subset, i.e. band (0, 0.4).
+    band = top(hi) - top(lo), top(f) = forking_mask(f), top(0) = {}.
+    """
+    if not (0.0 <= lo < hi <= 1.0):
+        raise ValueError(f"need 0 <= lo < hi <= 1, got lo={lo}, hi={hi}")
+    _check_shapes(entropy, mask)
+    upper = _top_fraction(entropy, mask, hi)  # (B, T)
+    inner = _top_fraction(entropy, mask, lo)  # (B, T)
+    return upper * (1.0 - inner)
+
+
+# ---------------------------------------------------------------- sample polarity
+
+_POLARITY = {
+    # mode: (advantage if correct, advantage if incorrect); lam fills "lam"
+    "psr": (1.0, 0.0),
+    "nsr": (0.0, -1.0),
+    "w_reinforce": ("lam", -1.0),
+}
+
+
+def polarity_advantages(rewards: torch.Tensor, mode: str, lam: float = 0.1) -> torch.Tensor:
+    """Zhu et al. (2025) sample-polarity advantages; these REPLACE GRPO advantages.
+
+    rewards: (B,) in {0, 1}; reward > 0.5 counts as correct. No baseline, no std.
+      psr:         A = +1 correct, 0 incorrect
+      nsr:         A =  0 correct, -1 incorrect
+      w_reinforce: A = +lam correct, -1 incorrect (lam = 0.1)
+    Returns (B,) float32.
+    """
+    if mode not in _POLARITY:
+        raise ValueError(f"unknown polarity mode {mode!r}; valid: {', '.join(sorted(_POLARITY))}")
+    a_pos, a_neg = _POLARITY[mode]
+    a_pos = lam if a_pos == "lam" else a_pos
+    correct = rewards > 0.5  # (B,)
+    out = torch.full(rewards.shape, float(a_neg), dtype=torch.float32, device=rewards.device)
+    out[correct] = float(a_pos)
+    return out
+
+
+# the name the task brief uses; same function
+polarity_weights = polarity_advantages
+
+
+def sign_mask_advantages(advantages: torch.Tensor, rewards: torch.Tensor, keep: str) -> torch.Tensor:
+    """Cancellation-paper control (App. E.1): keep GRPO advantages, mask rows.
+
+    advantages, rewards: (B,). keep="positive": A+ = A * 1[r = 1];
+    keep="negative": A- = A * 1[r != 1]. "r = 1" means reward > 0.5.
+    Returns (B,) in advantages' dtype.
+    """
+    correct = rewards > 0.5  # (B,)
+    if keep == "positive":
+        sel = correct
+    elif keep == "negative":
+        sel = ~correct
+    else:
+        raise ValueError(f"keep must be 'positive' or 'negative', got {keep!r}")
+    return advantages * sel.to(advantages.dtype)  # A * 1[r = 1] (or mirror)
+
+
+# ---------------------------------------------------------------- dispatcher
+
+# Each method: (inputs: dict, params) -> (token_weight | None, advantages, extra stats)
+TOKEN_WEIGHT_METHODS: Registry[Callable] = Registry("token weight method")
+
+
+def _need(inputs: dict, name: str, method: str):
+    v = inputs[name]
+    if v is None:
+        raise ValueError(f"token weight method {method!r} needs {name}")
+    return v
+
+
+@TOKEN_WEIGHT_METHODS.register("none")
+def _m_none(inp):
+    return None, inp["advantages"], {}
+
+
+@TOKEN_WEIGHT_METHODS.register("forking")
+def _m_forking(inp, top: float = 0.2):
+    return forking_mask(_need(inp, "entropy", "forking"), inp["mask"], top), inp["advantages"], {}
+
+
+@TOKEN_WEIGHT_METHODS.register("forking_low")
+def _m_forking_low(inp, bottom: float = 0.8):
+    return forking_low_mask(_need(inp, "entropy", "forking_low"), inp["mask"], bottom), inp["advantages"], {}
+
+
+@TOKEN_WEIGHT_METHODS.register("forking_random")
+def _m_forking_random(inp, top: float = 0.2):
+    # same count as the forking mask on these rows (ties included)
+    ref = forking_mask(_need(inp, "entropy", "forking_random"), inp["mask"], top)
+    return random_token_mask(inp["mask"], ref, inp["generator"]), inp["advantages"], {}
+
+
+@TOKEN_WEIGHT_METHODS.register("entropy_band")
+def _m_entropy_band(inp, lo: float = 0.0, hi: float = 0.4):
+    w = entropy_band_mask(_need(inp, "entropy", "entropy_band"), inp["mask"], lo, hi)
+    return w, inp["advantages"], {}
+
+
+def _polarity(mode: str):
+    if mode == "w_reinforce":
+
+        def fn(inp, lam: float = 0.1):
+            return None, polarity_advantages(_need(inp, "rewards", mode), mode, lam), {}
+
+    else:
+
+        def fn(inp):
+            return None, polarity_advantages(_need(inp, "rewards", mode), mode), {}
+
+    return fn
+
+
+for _mode in ("psr", "nsr", "w_reinforce"):
+    TOKEN_WEIGHT_METHODS.register(_mode)(_polarity(_mode))
+
+
+@TOKEN_WEIGHT_METHODS.register("positive_only")
+def _m_positive_only(inp):
+    return None, sign_mask_advantages(inp["advantages"], _need(inp, "rewards", "positive_only"), "positive"), {}
+
+
+@TOKEN_WEIGHT_METHODS.register("negative_only")
+def _m_negative_only(inp):
+    return None, sign_mask_advantages(inp["advantages"], _need(inp, "rewards", "negative_only"), "negative"), {}
+
+
+_RESRL_PARAMS = ("rank", "max_pos_tokens", "q_low", "q_high", "min_w", "pos_scale", "niter", "svd")
+
+
+@TOKEN_WEIGHT_METHODS.register("resrl")
+def _m_resrl(inp, **params):
+    bad = sorted(set(params) - set(_RESRL_PARAMS))
+    if bad:
+        raise TypeError(f"token weight method 'resrl': unknown parameters {bad}; valid: {', '.join(_RESRL_PARAMS)}")
+    hidden = _need(inp, "hidden", "resrl")
+    group_id = _need(inp, "group_id", "resrl")
+    is_pos = inp["is_positive"]
+    if is_pos is None:
+        is_pos = _need(inp, "rewards", "resrl") > 0.5
+    w, stats = resrl_weights(hidden, inp["mask"], group_id, is_pos, generator=inp["generator"], **params)
+    return w, inp["advantages"], stats
+
+
+def _row_mean(w: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> float:
+    sel = valid & rows[:, None]  # (B, T)
+    n = int(sel.sum())
+    return float(w[sel].sum()) / n if n else float("nan")
+
+
+def compute_token_weights(
+    method: str,
+    *,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    entropy: torch.Tensor | None = None,
+    rewards: torch.Tensor | None = None,
+    group_id: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+    is_positive: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    **params,
+) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, float]]:
+    """Token weights and (possibly replaced) advantages for one scope of rows.
+
+    method: none | forking | forking_low | forking_random | entropy_band | psr |
+      nsr | w_reinforce | positive_only | negative_only | resrl (KeyError lists
+      them for an unknown name).
+    mask: (B, T) response mask; advantages: (B,); entropy: (B, T); rewards: (B,);
+    group_id: (B,); hidden: (B, T, H) (resrl); is_positive: (B,) bool (resrl;
+    default rewards > 0.5); generator: for forking_random / resrl subsampling.
+    params: the method's own keywords (forking/forking_random: top=0.2;
+      forking_low: bottom=0.8; entropy_band: lo=0.0, hi=0.4; w_reinforce: lam=0.1;
+      resrl: rank, max_pos_tokens, q_low, q_high, min_w, pos_scale, niter, svd).
+      An unknown keyword is a TypeError.
+
+    Returns (token_weight, advantages, stats):
+      token_weight: (B, T) float32 (0 on padding) or None (= 1 everywhere).
+      advantages: (B,) GRPO advantages unchanged, or replaced (psr, nsr,
+        w_reinforce) / masked (positive_only, negative_only).
+      stats: tw_kept_frac (fraction of valid tokens with weight > 0),
+        tw_mean_w_pos / tw_mean_w_neg (mean weight over valid tokens of rows
+        whose *returned* advantage is > 0 / < 0; nan when there are none), plus
+        the method's own stats (resrl_*).
+    """
+    fn = TOKEN_WEIGHT_METHODS.get(method)
+    inputs = dict(
+        mask=mask,
+        advantages=advantages,
+        entropy=entropy,
+        rewards=rewards,
+        group_id=group_id,
+        hidden=hidden,
+        is_positive=is_positive,
+        generator=generator,
+    )
+    sig = inspect.signature(fn)
+    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        accepted = [n for n in sig.parameters if n != "inp"]
+        bad = sorted(set(params) - set(accepted))
+        if bad:
+            raise TypeError(
+                f"token weight method {method!r}: unknown parameters {bad}; valid: {', '.join(accepted) or 'none'}"
+            )
+    weight, adv, extra = fn(inputs, **params)
+
+    valid = mask > 0  # (B, T)
+    w = weight if weight is not None else valid.to(torch.float32)  # (B, T)
+    n_valid = int(valid.sum())
+    stats = {
+        "tw_kept_frac": float(((w > 0) & valid).sum()) / n_valid if n_valid else float("nan"),
+        "tw_mean_w_pos": _row_mean(w, valid, adv > 0),
+        "tw_mean_w_neg": _row_mean(w, valid, adv < 0),
+    }
+    stats.update(extra)
+    return weight, adv, stats
