@@ -1,0 +1,264 @@
+"""Per-token log-probabilities, entropies and hidden states of a RolloutBatch,
+without ever materialising the whole batch's `[N, V]` logits.
+
+Why: with a 49k-token vocabulary, the logits of 16 x 256 response tokens are
+16*256*49152*4 B = 805 MB in float32, and autograd keeps them (plus the
+softmax) alive until backward. Here the decoder body runs once, the hidden
+states of the N real response tokens are gathered into an `[N, H]` matrix, and
+the LM head + log-softmax run over chunks of `chunk_tokens` rows. Under grad
+each chunk is wrapped in non-reentrant activation checkpointing, so the
+backward pass also recomputes and holds one chunk's logits at a time, and a
+fused log-prob autograd Function keeps that at about two `[chunk, V]` float32
+buffers (logits + their gradient). Peak logits memory is O(chunk * V) instead
+of O(N * V): bench/forward_memory.py measures 4.0 GB -> 0.83 GB at N=4096,
+V=49152, chunk_tokens=2048 (0.16 GB at 256).
+
+Layout (RolloutBatch): prompts left-padded `[B, P]`, responses right-padded
+`[B, T]`; the model sees `cat(prompt, response)` of length L = P + T.
+Response token t of row b is predicted by the hidden state at position P-1+t.
+
+Deliberate simplifications: the model must compute its logits as
+`lm_head(last_hidden_state)` (optionally with Cohere's `logit_scale` or
+Gemma-2's `final_logit_softcapping`, which are applied); the decoder body is
+not chunked (its activations are O(L * H) per layer, far below O(L * V)).
+
+Try it:
+    from tokencredit.model.tiny import build_tiny
+    from tokencredit.model.forward import forward_tokens
+    model, tok = build_tiny()
+    out = forward_tokens(model, batch, chunk_tokens=256, with_hidden=True)
+    out["logprob"]  # [B, T] float32, 0 where response_mask == 0
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from tokencredit.batch import RolloutBatch
+
+__all__ = ["forward_tokens", "lm_head_inputs", "naive_token_logprobs"]
+
+
+# ----------------------------------------------------------------- public API
+def forward_tokens(
+    model,
+    batch: RolloutBatch,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = 2048,
+    with_entropy: bool = True,
+    with_hidden: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Per-token statistics of `batch.response_ids` under `model` at `temperature`.
+
+    Returns a dict of `[B, T]` response-aligned tensors, exactly 0 wherever
+    `response_mask == 0`:
+      - "logprob": float32, log softmax(logits / temperature)[token];
+        differentiable when torch grad is enabled;
+      - "entropy" (if with_entropy): float32, detached,
+        H = logsumexp(z) - sum_v softmax(z)_v * z_v with z = logits / temperature;
+      - "hidden" (if with_hidden): `[B, T, H]` float32, detached, the output of
+        the second-to-last decoder layer (transformers' `hidden_states[-2]`) at
+        the position predicting each token (the ResRL representation).
+
+    Memory: one decoder-body pass plus about 2 x `[chunk_tokens, V]` float32
+    buffers alive at a time, in forward and in backward. Note that
+    `response_mask` is also the attention mask of the response part (see
+    RolloutBatch.model_inputs), so a masked token is invisible to later ones.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+
+    h_all, h_mid, (b_idx, t_idx, pos) = _body(model, batch, with_hidden=with_hidden)
+    B, T = batch.response_ids.shape
+    dev = h_all.device
+
+    h_flat = h_all[b_idx, pos]  # [N, H] final hidden states feeding the LM head
+    tgt = batch.response_ids.to(dev)[b_idx, t_idx]  # [N] target ids
+    head = model.get_output_embeddings()
+    scale, softcap = _logit_transform(model)
+
+    need_grad = torch.is_grad_enabled() and (
+        h_flat.requires_grad or any(p.requires_grad for p in head.parameters())
+    )
+    N = h_flat.shape[0]
+    lps, ents = [], []
+    for s in range(0, max(N, 1), chunk_tokens):  # at least one (possibly empty) chunk keeps the graph
+        h_c, t_c = h_flat[s : s + chunk_tokens], tgt[s : s + chunk_tokens]  # [n, H], [n]
+        args = (h_c, t_c, head, float(temperature), scale, softcap, with_entropy)
+        if need_grad:
+            lp_c, ent_c = checkpoint(_chunk_stats, *args, use_reentrant=False)
+        else:
+            lp_c, ent_c = _chunk_stats(*args)
+        lps.append(lp_c)
+        ents.append(ent_c)
+
+    out: dict[str, torch.Tensor] = {}
+    idx = (b_idx, t_idx)
+    lp_flat = torch.cat(lps)  # [N]
+    out["logprob"] = torch.zeros(B, T, dtype=torch.float32, device=dev).index_put(idx, lp_flat)  # [B, T]
+    if with_entropy:
+        ent_flat = torch.cat(ents)  # [N]
+        out["entropy"] = torch.zeros(B, T, dtype=torch.float32, device=dev).index_put(idx, ent_flat)
+    if with_hidden:
+        hm = h_mid[b_idx, pos].detach().float()  # [N, H]
+        out["hidden"] = torch.zeros(B, T, hm.shape[-1], dtype=torch.float32, device=dev).index_put(idx, hm)
+    return out
+
+
+@torch.no_grad()
+def lm_head_inputs(model, batch: RolloutBatch) -> torch.Tensor:
+    """`[B, T, H]` float32, detached: the final (post-norm) hidden state that the
+    LM head maps to the logits predicting each response token; 0 on padding.
+    Probes (e.g. the output-layer coupling proxy) build on it."""
+    h_all, _, (b_idx, t_idx, pos) = _body(model, batch, with_hidden=False)
+    B, T = batch.response_ids.shape
+    h = h_all[b_idx, pos].float()  # [N, H]
+    return torch.zeros(B, T, h.shape[-1], dtype=torch.float32, device=h.device).index_put((b_idx, t_idx), h)
+
+
+def naive_token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """Reference implementation for tests: one full `model(...)` call that
+    materialises all `[B, L, V]` logits. Returns {"logprob", "entropy"}, both
+    `[B, T]` float32, 0 on padding; "logprob" carries grad if enabled.
+    Do not use in training (memory O(B * L * V))."""
+    dev = _device(model)
+    inputs = {k: v.to(dev) for k, v in batch.model_inputs().items()}
+    logits = model(**inputs, use_cache=False).logits  # [B, L, V]
+    P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    z = logits[:, P - 1 : P - 1 + T].float() / temperature  # [B, T, V]
+    logp = F.log_softmax(z, dim=-1)  # [B, T, V]
+    ids = batch.response_ids.to(dev)
+    lp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    ent = -(logp.exp() * logp).sum(-1).detach()  # [B, T]
+    mask = batch.response_mask.to(dev) > 0
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    return {"logprob": torch.where(mask, lp, zero), "entropy": torch.where(mask, ent, zero)}
+
+
+# ---------------------------------------------------------------- internals
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _decoder(model):
+    """The decoder body (embeddings + layers + final norm, no LM head)."""
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if dec is None or dec is model:
+        dec = getattr(model, "base_model", None)
+    if dec is None or dec is model:
+        raise TypeError(f"{type(model).__name__} has no separate decoder body (get_decoder / base_model)")
+    return dec
+
+
+def _body(model, batch: RolloutBatch, with_hidden: bool):
+    """Run the decoder body once over cat(prompt, response).
+
+    Returns (h_final [B, L, H], h_mid [B, L, H] or None, (b_idx [N], t_idx [N], pos [N]))
+    where (b_idx, t_idx) enumerate the real response tokens (row-major) and
+    pos = P - 1 + t_idx is the position whose hidden state predicts them.
+    """
+    dev = _device(model)
+    dec = _decoder(model)
+    inputs = {k: v.to(dev) for k, v in batch.model_inputs().items()}  # each [B, L]
+
+    captured: list[torch.Tensor] = []
+    handle = None
+    if with_hidden:
+        layers = getattr(dec, "layers", None)
+        if layers is None:
+            raise TypeError(f"{type(dec).__name__} has no `.layers`; cannot hook the second-to-last layer")
+        # hidden_states[-2] is the output of layers[-2]; with one layer it is the embedding output
+        target = layers[-2] if len(layers) >= 2 else dec.get_input_embeddings()
+
+        def _grab(_mod, _args, output):
+            if not captured:  # first call only (a checkpointed recompute would call again)
+                captured.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = target.register_forward_hook(_grab)
+    try:
+        h_final = dec(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"],
+            use_cache=False,
+        ).last_hidden_state  # [B, L, H]
+    finally:
+        if handle is not None:
+            handle.remove()
+
+    P = batch.prompt_ids.shape[1]
+    mask = batch.response_mask.to(dev) > 0  # [B, T]
+    b_idx, t_idx = mask.nonzero(as_tuple=True)  # [N], [N]
+    pos = t_idx + (P - 1)  # [N]
+    return h_final, (captured[0] if with_hidden else None), (b_idx, t_idx, pos)
+
+
+def _logit_transform(model) -> tuple[float, float | None]:
+    """(logit_scale, final_logit_softcapping) that the model applies after its LM head."""
+    cfg = getattr(model, "config", None)
+    scale = getattr(cfg, "logit_scale", None) if cfg is not None else None
+    softcap = getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
+    return (float(scale) if scale is not None else 1.0), (float(softcap) if softcap else None)
+
+
+class _TargetLogprob(torch.autograd.Function):
+    """lp = z[tgt] - logsumexp(z) for the rows of z `[n, V]`; also returns lse `[n]`.
+
+    Same value and gradient as `log_softmax(z).gather(tgt)`, but the backward
+    pass builds dlp/dz = onehot(tgt) - softmax(z) in a single `[n, V]` buffer
+    (autograd's gather + logsumexp backward allocate about three), which keeps
+    the checkpointed chunk's backward peak at ~2 x `[n, V]` (saved z + grad).
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, tgt: torch.Tensor):
+        lse = torch.logsumexp(z, dim=-1)  # [n]
+        lp = z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - lse  # [n]
+        ctx.save_for_backward(z, tgt, lse)
+        ctx.mark_non_differentiable(lse)
+        return lp, lse
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, _g_lse: torch.Tensor | None):
+        z, tgt, lse = ctx.saved_tensors
+        g = g.unsqueeze(-1)  # [n, 1]
+        # d lp / d z = onehot(tgt) - softmax(z);   grad_z = g * that
+        grad = (z - lse.unsqueeze(-1)).exp_().mul_(-g)  # [n, V] = -g * softmax(z)
+        grad.scatter_add_(-1, tgt.unsqueeze(-1), g)
+        return grad, None
+
+
+def _chunk_stats(
+    h: torch.Tensor,
+    tgt: torch.Tensor,
+    head: torch.nn.Module,
+    temperature: float,
+    scale: float,
+    softcap: float | None,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of `tgt` and entropy for one chunk of rows.
+
+    h: [n, H] hidden states, tgt: [n] ids -> (logprob [n] float32, entropy [n] float32,
+    detached; empty if not with_entropy).
+    """
+    z = head(h).float()  # [n, V] logits, upcast
+    if scale != 1.0:
+        z = z * scale
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    if temperature != 1.0:
+        z = z / temperature
+    lp, lse = _TargetLogprob.apply(z, tgt)  # [n], [n] (lse carries no grad)
+    if not with_entropy:
+        return lp, lp.new_zeros(0)
+    with torch.no_grad():
+        # H = -sum p log p = logsumexp(z) - sum_v p_v z_v   (one [n, V] temporary)
+        pz = (z - lse.unsqueeze(-1)).exp_().mul_(z)  # [n, V] p * z
+        ent = lse - pz.sum(-1)  # [n]
+    return lp, ent
