@@ -1,0 +1,250 @@
+"""Benchmark: chunked `predicted_shift` vs the brute-force pairwise kernel.
+
+What it does
+    Times `tokencredit.probes.coupling.predicted_shift` (two chunked passes,
+    O(N V d) time, O(chunk V + V d) memory) against the pairwise reference
+    (kernel K = (H H^T) * (R R^T), O(N^2 V) time, O(N V + N^2) memory) at
+    SmolLM2-135M sizes (V = 49152, d = 576). Each (method, N) runs in its own
+    subprocess which reports its peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`,
+    i.e. what the parent would read from RUSAGE_CHILDREN for that one child;
+    tracemalloc cannot see torch allocations) and its RSS after loading the
+    inputs, so "extra" is the memory the method itself needed. The high-water
+    mark is reset after loading (/proc/self/clear_refs) so import and load
+    transients do not hide a method's smaller peak.
+
+Simplifications
+    * Synthetic inputs: h is Gaussian, RMS-normalised (like a post-norm hidden
+      state); W is Gaussian scaled so logits have std ~4; a log-Zipf unigram
+      bias gives realistic repeats; o is *sampled* from the resulting policy
+      (rollouts are samples), A is +-1 per 256-token "rollout".
+    * Pairwise at N > --full-max (default 8192) would need R (N, V) and
+      K (N, N) beyond what is sensible here, so it is run in row blocks with R
+      stored once and only the first --frac of the row blocks timed; the
+      total is extrapolated linearly in the number of row blocks (marked
+      "extrap." in the table). Peak memory for those rows is the blocked
+      variant's, not the full materialisation.
+    * Times are the best of --repeats runs (1 run at the largest sizes).
+
+Try it
+    .venv/bin/python bench/coupling_bench.py                 # N = 512 2048 8192
+    .venv/bin/python bench/coupling_bench.py --ns 512 2048 8192 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+V_DEFAULT, D_DEFAULT = 49152, 576  # SmolLM2-135M vocab and hidden size
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_inputs(n: int, V: int, d: int, seed: int = 0, chunk: int = 1024) -> dict:
+    """Synthetic (h (N, d), W (V, d), bias (V,), o (N,), A (N,)) with a sane softmax."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g)
+    h = h / h.pow(2).mean(1, keepdim=True).sqrt()  # RMS-norm: ||h|| = sqrt(d)
+    W = torch.randn(V, d, generator=g) * (4.0 / math.sqrt(d))  # logit std ~ 4
+    ranks = torch.randperm(V, generator=g).double() + 1.0
+    bias = (-1.1 * ranks.log()).float()  # log-Zipf unigram prior (up to a constant)
+    bias = bias - bias.mean()
+    o = torch.empty(n, dtype=torch.long)
+    for s in range(0, n, chunk):  # o ~ pi: rollouts are samples of the policy
+        pi = torch.softmax(h[s : s + chunk] @ W.T + bias, -1)
+        o[s : s + chunk] = torch.multinomial(pi, 1, generator=g).squeeze(1)
+    A = torch.where(torch.arange(n) // 256 % 2 == 0, 1.0, -1.0)  # +-1 per 256-token rollout
+    return {"h": h, "W": W, "bias": bias, "o": o, "A": A}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _pairwise_blocked(h, W, bias, o, A, eta, frac, block=1024):
+    """Row-blocked O(N^2 V) pairwise delta; times only the first `frac` of blocks.
+
+    R (N, V) is stored once (computed chunk-wise); row block b costs
+    (h_b h^T) * (R_b R^T) (b, N). Returns (delta_partial, seconds, blocks_done, n_blocks).
+    """
+    N = h.shape[0]
+    t0 = time.perf_counter()
+    R = torch.empty(N, W.shape[0])
+    for s in range(0, N, block):
+        R[s : s + block] = torch.softmax(h[s : s + block] @ W.T + bias, -1)
+    R.neg_()[torch.arange(N), o] += 1.0
+    t_R = time.perf_counter() - t0
+    n_blocks = math.ceil(N / block)
+    todo = max(1, round(frac * n_blocks))
+    delta = torch.zeros(N)
+    t1 = time.perf_counter()
+    for b in range(todo):
+        sl = slice(b * block, min((b + 1) * block, N))
+        K = (h[sl] @ h.T) * (R[sl] @ R.T)  # (b, N) Eq. 7
+        delta[sl] = eta / N * (K @ A)  # Eq. 9
+    t_rows = time.perf_counter() - t1
+    return delta, t_R + t_rows * n_blocks / todo, todo, n_blocks
+
+
+def worker(args) -> None:
+    from tokencredit.probes.coupling import predicted_shift, predicted_shift_pairwise
+
+    torch.set_num_threads(args.threads)
+    x = torch.load(args.inputs)
+    h, W, bias, o, A = x["h"], x["W"], x["bias"], x["o"], x["A"]
+    try:  # reset the peak-RSS high-water mark so import/load transients don't count
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    rss0 = _rss_mb()
+    times, cpus, note = [], [], ""
+    for _ in range(args.repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        if args.method == "chunked":
+            out = predicted_shift(h, W, o, A, 0.1, chunk=args.chunk, bias=bias)
+        elif args.method == "pairwise":
+            out = predicted_shift_pairwise(h, W, o, A, 0.1, bias=bias)
+        else:  # pairwise_blocked: times are extrapolated inside
+            _, dt, done, nb = _pairwise_blocked(h, W, bias, o, A, 0.1, args.frac)
+            note = f"extrap. {done}/{nb} row blocks"
+        dt_wall, dt_cpu = time.perf_counter() - t0, time.process_time() - c0
+        if args.method == "pairwise_blocked":  # scale both clocks by the same extrapolation
+            dt_cpu, dt_wall = dt_cpu * dt / dt_wall, dt
+        times.append(dt_wall)
+        cpus.append(dt_cpu)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB -> MB on Linux
+    res = {"time_s": min(times), "cpu_s": min(cpus), "peak_rss_mb": peak, "rss_inputs_mb": rss0, "note": note}
+    if args.method == "chunked":
+        counts = torch.bincount(o)
+        res["input_stats"] = {
+            "distinct_ids": int((counts > 0).sum()),
+            "largest_group": int(counts.max()),
+            "mean_p_own": float(out["p_own"].mean()),
+            "mean_entropy": float(out["entropy"].mean()),
+            "abs_mean_self_same_diff": [float(out[k].abs().mean()) for k in ("self_term", "same_token", "diff_token")],
+        }
+    print("RESULT " + json.dumps(res))
+
+
+def run_child(method: str, n: int, inputs: str, args) -> dict:
+    reps = args.repeats if n <= 2048 else 1
+    cmd = [
+        sys.executable, __file__, "--worker", "--method", method, "--inputs", inputs,
+        "--repeats", str(reps), "--chunk", str(args.chunk), "--frac", str(args.frac),
+        "--threads", str(args.threads),
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"{method} N={n} failed:\n{p.stderr[-3000:]}")
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+def check_agreement(n: int = 512, V: int = 4096, d: int = 64) -> float:
+    """Max relative gap between chunked and pairwise deltas on a small float64 case."""
+    from tokencredit.probes.coupling import predicted_shift, predicted_shift_pairwise
+
+    x = make_inputs(n, V, d, seed=1)
+    h, W, b = x["h"].double(), x["W"].double(), x["bias"].double()
+    a = predicted_shift(h, W, x["o"], x["A"], 0.1, chunk=100, bias=b)["delta"]
+    r = predicted_shift_pairwise(h, W, x["o"], x["A"], 0.1, bias=b)["delta"]
+    return ((a - r).abs().max() / r.abs().max()).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ns", type=int, nargs="+", default=[512, 2048, 8192], help="token counts N")
+    ap.add_argument("--vocab", type=int, default=V_DEFAULT)
+    ap.add_argument("--dim", type=int, default=D_DEFAULT)
+    ap.add_argument("--chunk", type=int, default=1024, help="rows per chunk for predicted_shift")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per point for N <= 2048 (best is kept)")
+    ap.add_argument("--full-max", type=int, default=8192, help="largest N for the fully materialised pairwise")
+    ap.add_argument("--frac", type=float, default=0.125, help="fraction of row blocks timed when extrapolating")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="chunked", help=argparse.SUPPRESS)
+    ap.add_argument("--inputs", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    print(f"coupling bench: V={args.vocab} d={args.dim} chunk={args.chunk} threads={args.threads} torch={torch.__version__}")
+    print(f"float64 agreement check (N=512, V=4096, d=64): max rel gap {check_agreement():.1e}")
+    rows = []
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.ns:
+            path = os.path.join(tmp, f"in_{n}.pt")
+            torch.save(make_inputs(n, args.vocab, args.dim), path)
+            c = run_child("chunked", n, path, args)
+            pw_method = "pairwise" if n <= args.full_max else "pairwise_blocked"
+            p = run_child(pw_method, n, path, args)
+            rows.append((n, c, p))
+            s = c["input_stats"]
+            print(
+                f"  N={n}: {s['distinct_ids']} distinct ids, largest group {s['largest_group']}, "
+                f"mean p_own {s['mean_p_own']:.3f}, mean entropy {s['mean_entropy']:.2f} nats, "
+                f"|self|,|same|,|diff| = {', '.join(f'{v:.2e}' for v in s['abs_mean_self_same_diff'])}",
+                flush=True,
+            )
+            os.remove(path)
+    hdr = (
+        f"{'N':>6} | {'chunked':>7} {'':>7} {'peak':>6} {'extra':>6} | {'pairwise':>8} {'':>7} {'peak':>6} {'extra':>6} |"
+        f" {'speedup':>7} {'speedup':>7} {'mem':>6} | note"
+    )
+    sub = (
+        f"{'':>6} | {'wall s':>7} {'cpu s':>7} {'MB':>6} {'MB':>6} | {'wall s':>8} {'cpu s':>7} {'MB':>6} {'MB':>6} |"
+        f" {'(cpu)':>7} {'(wall)':>7} {'ratio':>6} |"
+    )
+    print()
+    print(hdr)
+    print(sub)
+    print("-" * len(hdr))
+    for n, c, p in rows:
+        ce = c["peak_rss_mb"] - c["rss_inputs_mb"]
+        pe = p["peak_rss_mb"] - p["rss_inputs_mb"]
+        print(
+            f"{n:>6} | {c['time_s']:>7.2f} {c['cpu_s']:>7.2f} {c['peak_rss_mb']:>6.0f} {ce:>6.0f} | "
+            f"{p['time_s']:>8.2f} {p['cpu_s']:>7.2f} {p['peak_rss_mb']:>6.0f} {pe:>6.0f} | "
+            f"{p['cpu_s'] / c['cpu_s']:>6.2f}x {p['time_s'] / c['time_s']:>6.2f}x {pe / max(ce, 1.0):>5.1f}x | {p['note']}"
+        )
+    print("(peak = process peak RSS; extra = peak minus RSS after loading inputs; cpu = process CPU seconds,")
+    print(" less sensitive than wall time to other jobs sharing the machine)")
+    print(f"\ntotal bench wall time {time.perf_counter() - t_start:.0f} s")
+    print(
+        "\ncost model: chunked ~ 4 matmuls of N*V*d (logits twice, G, G h); pairwise ~ N*V*d + N^2*V + N^2*d,\n"
+        f"so the flop ratio is ~ (N + d) / (4 d): {', '.join(f'N={n}: {(n + args.dim) / (4 * args.dim):.1f}x' for n in args.ns)}"
+    )
+    if len(rows) >= 2:
+        # Least-squares fits on CPU seconds: chunked ~ c*N, pairwise ~ a*N + b*N^2.
+        ns = torch.tensor([float(r[0]) for r in rows], dtype=torch.float64)
+        tc = torch.tensor([r[1]["cpu_s"] for r in rows], dtype=torch.float64)
+        tp = torch.tensor([r[2]["cpu_s"] for r in rows], dtype=torch.float64)
+        c_lin = float((ns * tc).sum() / (ns * ns).sum())
+        ab = torch.linalg.lstsq(torch.stack([ns, ns * ns], 1), tp[:, None]).solution.view(-1)
+        a_lin, b_sq = float(ab[0]), float(ab[1])
+        print("projection from these fits (cpu s; chunked = c N, pairwise = a N + b N^2), NOT measured:")
+        for n in (32768, 131072, 262144, 524288):
+            pc, pp = c_lin * n, a_lin * n + b_sq * n * n
+            print(f"  N={n:>6}: chunked ~{pc:8.0f} s, pairwise ~{pp:9.0f} s, speedup ~{pp / pc:5.1f}x")
+        if b_sq > 0 and c_lin > a_lin:
+            print(f"  speedup reaches 100x near N ~ {(100 * c_lin - a_lin) / b_sq:,.0f} tokens")
+
+
+if __name__ == "__main__":
+    main()

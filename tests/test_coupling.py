@@ -1,0 +1,295 @@
+"""Tests for tokencredit.probes.coupling (output-layer proxy, paper Eq. 6-10).
+
+Convention checked throughout: eta is the SGD step on J = 1/N sum A_k log pi
+(Eq. 2), so the first-order prediction is delta_j = eta/N sum_k A_k K_jk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokencredit.model.tiny import build_tiny
+from tokencredit.probes.coupling import (
+    coupling_cells,
+    coupling_pairs,
+    lm_head_grad_step,
+    predicted_shift,
+    predicted_shift_pairwise,
+    token_stats,
+)
+
+ROLLOUTS = [
+    "the answer is 42 because 6 times 7 is 42, so the answer is 42.",
+    "let x be the number; then x + x = 10 so x = 5 and the answer is 5.",
+    "we add the two numbers: 17 + 25 = 42. the final answer is 42!",
+    "first, 3 * 3 = 9; then 9 - 4 = 5. so the answer is 5, not 42.",
+]
+ADV = [1.3, -0.7, 0.9, -1.5]  # one weight per rollout, broadcast to its tokens
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tests run thousands of tiny ops (chunk=1); one intra-op thread avoids
+    OpenMP barrier stalls on a busy 2-core box. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_batch():
+    """Real hidden states of the tiny model on 4 char-level rollouts.
+
+    Returns (model, h (N, d), W (V, d), o (N,), A (N,)) with N ~ 250 and
+    many repeated ids (char tokenizer: spaces, vowels, digits).
+    """
+    model, tok = build_tiny(seed=0)
+    hs, os_, As = [], [], []
+    with torch.no_grad():
+        for text, a in zip(ROLLOUTS, ADV):
+            ids = tok(text, return_tensors="pt").input_ids  # (1, T)
+            h = model.model(input_ids=ids).last_hidden_state[0]  # (T, d), post final norm
+            hs.append(h[:-1])  # state s_t predicts token t+1
+            os_.append(ids[0, 1:])
+            As.append(torch.full((ids.shape[1] - 1,), a))
+    h, o, A = torch.cat(hs), torch.cat(os_), torch.cat(As)
+    W = model.get_output_embeddings().weight.detach()
+    assert h.shape[0] >= 200 and W.shape[0] >= 90
+    assert torch.unique(o).numel() < h.shape[0] // 4  # many repeats
+    return model, h, W, o, A
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+# (a) chunked == brute force, and the decomposition is consistent ------------
+
+
+@pytest.mark.parametrize("w_scale", [1.0, 40.0])  # 40: sharp, non-uniform softmax
+@pytest.mark.parametrize("chunk", [1, 7, 100_000])
+def test_chunked_matches_pairwise_float64(tiny_batch, chunk, w_scale):
+    _, h, W, o, A = tiny_batch
+    h, W = h.double(), W.double() * w_scale
+    eta = 1e-2
+    got = predicted_shift(h, W, o, A, eta, chunk=chunk)
+    ref = predicted_shift_pairwise(h, W, o, A, eta)
+    for key in ("delta", "self_term", "same_token", "diff_token"):
+        assert _rel(got[key], ref[key]) < 1e-5, key
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5 * ref[key].abs().max().item())
+    # parts add up
+    parts = got["self_term"] + got["same_token"] + got["diff_token"]
+    torch.testing.assert_close(parts, got["delta"], rtol=0, atol=1e-12)
+    # same-token part equals the explicit pairwise sum restricted to same-id pairs k != j
+    N = h.shape[0]
+    mask = (o[:, None] == o[None, :]) & ~torch.eye(N, dtype=torch.bool)
+    same_explicit = eta / N * ((ref["kernel"] * mask) @ A.double())
+    assert _rel(got["same_token"], same_explicit) < 1e-5
+    if w_scale > 1:  # the sharp case really is non-degenerate
+        assert got["p_own"].max() > 0.5 and got["p_own"].min() < 0.05
+
+
+def test_chunked_matches_pairwise_float32(tiny_batch):
+    _, h, W, o, A = tiny_batch
+    W = W * 40.0
+    got = predicted_shift(h, W, o, A, 1e-2, chunk=16)
+    ref = predicted_shift_pairwise(h.double(), W.double(), o, A, 1e-2)
+    for key in ("delta", "self_term", "same_token"):
+        assert _rel(got[key].double(), ref[key]) < 1e-5, key
+
+
+def test_bias_and_temperature(tiny_batch):
+    _, h, W, o, A = tiny_batch
+    h, W = h.double(), W.double() * 20
+    b = torch.randn(W.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kw = dict(bias=b, temperature=0.7)
+    got = predicted_shift(h, W, o, A, 1e-2, chunk=13, **kw)
+    ref = predicted_shift_pairwise(h, W, o, A, 1e-2, **kw)
+    for key in ("delta", "self_term", "same_token", "diff_token"):
+        assert _rel(got[key], ref[key]) < 1e-5, key
+    # and the 1/tau^2 convention agrees with the real update
+    real = lm_head_grad_step(W, h, o, A, lr=1e-4, **kw)["delta_logp"]
+    assert torch.corrcoef(torch.stack([got["delta"], real]))[0, 1] > 0.99
+    assert _rel(got["delta"] * 1e-2, real) < 0.05  # same scale (lr 1e-4 vs eta 1e-2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    N=st.integers(2, 14),
+    V=st.integers(2, 6),
+    d=st.integers(1, 4),
+    chunk=st.integers(1, 16),
+    seed=st.integers(0, 10_000),
+)
+def test_property_chunked_equals_pairwise_and_permutation(N, V, d, chunk, seed):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, d, generator=g, dtype=torch.float64)
+    W = 2 * torch.randn(V, d, generator=g, dtype=torch.float64)
+    o = torch.randint(V, (N,), generator=g)
+    A = torch.randn(N, generator=g, dtype=torch.float64)
+    got = predicted_shift(h, W, o, A, 0.3, chunk=chunk)
+    ref = predicted_shift_pairwise(h, W, o, A, 0.3)
+    for key in ("delta", "self_term", "same_token", "diff_token"):
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-9, atol=1e-10)
+    # permuting tokens permutes the deltas (how the batch is cut/ordered is irrelevant)
+    p = torch.randperm(N, generator=g)
+    perm = predicted_shift(h[p], W, o[p], A[p], 0.3, chunk=chunk)
+    torch.testing.assert_close(perm["delta"], got["delta"][p], rtol=1e-9, atol=1e-10)
+
+
+# (b) first-order prediction vs the actual LM-head SGD step --------------------
+
+
+@pytest.mark.parametrize("w_scale", [1.0, 40.0])
+def test_prediction_tracks_actual_sgd_step(tiny_batch, w_scale):
+    model, h, W, o, A = tiny_batch
+    lr = 1e-3
+    if w_scale == 1.0:
+        # the model itself (tied embeddings): only the head computation is perturbed
+        emb_before = model.get_input_embeddings().weight.detach().clone()
+        res = lm_head_grad_step(model, h, o, A, lr=lr)
+        assert torch.equal(model.get_input_embeddings().weight, emb_before)  # model untouched
+    else:
+        W = W * w_scale
+        res = lm_head_grad_step(W, h, o, A, lr=lr)
+    pred = predicted_shift(h, W, o, A, eta=lr)["delta"]
+    real = res["delta_logp"]
+    r = torch.corrcoef(torch.stack([pred, real]))[0, 1].item()
+    assert r > 0.99, r
+    # same scale, not just correlated: eta/N convention matches lr on J with its 1/N
+    assert _rel(pred, real) < 0.05
+    # update really is W + lr * dJ/dW with dJ/dW = G / N  (Eq. 2-3)
+    N = h.shape[0]
+    pi = torch.softmax(h @ W.T, -1)
+    R = -pi
+    R[torch.arange(N), o] += 1
+    torch.testing.assert_close(res["weight"], W + lr / N * (R.T @ (A[:, None] * h)), rtol=1e-5, atol=1e-7)
+
+
+# (c) hand-computed N=2, V=3, d=2 -------------------------------------------------
+
+
+def _hand_example(o2):
+    # h_1 = (1, 0), h_2 = (1, 1); W gives logits (ln2, 0, 0) and (ln2, ln2, 0):
+    # pi_1 = (1/2, 1/4, 1/4), pi_2 = (2/5, 2/5, 1/5), <pi_1, pi_2> = 0.35
+    ln2 = math.log(2.0)
+    h = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    W = torch.tensor([[ln2, 0.0], [0.0, ln2], [0.0, 0.0]], dtype=torch.float64)
+    o = torch.tensor([0, o2])
+    A = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    return h, W, o, A
+
+
+def test_hand_computed_same_token():
+    h, W, o, A = _hand_example(o2=0)  # both emit token 0
+    # phi_12 (Eq. 8) = 1 - pi_1(0) - pi_2(0) + <pi_1,pi_2> = 1 - .5 - .4 + .35 = .45
+    # Eq. 10 approximation (1 - .5)(1 - .4) = .30 drops <pi_1,pi_2> - pi_1(0) pi_2(0) = .15
+    pairs = coupling_pairs(h, W, o, A, "prob", 4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(pairs["phi"], torch.full((4,), 0.45, dtype=torch.float64))
+    torch.testing.assert_close(pairs["phi_eq10"], torch.full((4,), 0.30, dtype=torch.float64))
+    assert pairs["same_token"].all()
+    torch.testing.assert_close(pairs["hh"], torch.ones(4, dtype=torch.float64))  # <h_1,h_2> = 1
+    # contrib A_k <h_j,h_k> phi: k=2 -> -2*.45, k=1 -> 1*.45
+    exp_contrib = torch.where(pairs["k"] == 1, -0.9, 0.45).double()
+    torch.testing.assert_close(pairs["contrib"], exp_contrib)
+    # phi_11 = 1 - 2(.5) + .375 = .375 ; phi_22 = 1 - 2(.4) + .36 = .56
+    # eta/N = 1: delta_1 = 1*1*.375 + (-2)*1*.45 = -.525 ; delta_2 = -2*2*.56 + 1*1*.45 = -1.79
+    out = predicted_shift(h, W, o, A, eta=2.0, chunk=1)
+    exp = {
+        "delta": [-0.525, -1.79],
+        "self_term": [0.375, -2.24],
+        "same_token": [-0.9, 0.45],
+        "diff_token": [0.0, 0.0],
+    }
+    for key, val in exp.items():
+        torch.testing.assert_close(out[key], torch.tensor(val, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(out["p_own"], torch.tensor([0.5, 0.4], dtype=torch.float64))
+
+
+def test_hand_computed_different_token():
+    h, W, o, A = _hand_example(o2=1)  # token 1 emits 0, token 2 emits 1
+    # phi_12 = -pi_1(1) - pi_2(0) + <pi_1,pi_2> = -.25 - .4 + .35 = -.30 (Eq. 10 exact here)
+    pairs = coupling_pairs(h, W, o, A, "prob", 4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(pairs["phi"], torch.full((4,), -0.30, dtype=torch.float64))
+    torch.testing.assert_close(pairs["phi_eq10"], pairs["phi"])
+    assert not pairs["same_token"].any() and not pairs["oversampled"].any()
+    # phi_22 = |(-.4, .6, -.2)|^2 = .56 ; delta_1 = .375 + (-2)(1)(-.3) = .975 ; delta_2 = -2.24 - .3
+    out = predicted_shift(h, W, o, A, eta=2.0)
+    exp = {
+        "delta": [0.975, -2.54],
+        "self_term": [0.375, -2.24],
+        "same_token": [0.0, 0.0],
+        "diff_token": [0.6, -0.3],
+    }
+    for key, val in exp.items():
+        torch.testing.assert_close(out[key], torch.tensor(val, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+# (d) sampled pairs ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["prob", "entropy"])
+def test_coupling_pairs_exact_phi_and_flags(tiny_batch, mode):
+    _, h, W, o, A = tiny_batch
+    W = W * 40.0
+    gen = torch.Generator().manual_seed(0)
+    n_pairs = 600
+    thr = 0.2 if mode == "prob" else None
+    pairs = coupling_pairs(h, W, o, A, mode, n_pairs, gen, thr, chunk=64)
+    j, k = pairs["j"], pairs["k"]
+    assert j.shape == (n_pairs,) and (j != k).all()
+    # phi = <r_j, r_k> with explicit error vectors
+    N = h.shape[0]
+    R = -torch.softmax(h.double() @ W.double().T, -1)
+    R[torch.arange(N), o] += 1
+    torch.testing.assert_close(pairs["phi"].double(), (R[j] * R[k]).sum(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pairs["hh"], (h[j] * h[k]).sum(1))
+    torch.testing.assert_close(pairs["contrib"], A[k] * pairs["hh"] * pairs["phi"])
+    assert torch.equal(pairs["same_token"], o[j] == o[k])
+    # half oversampled among same-token pairs, and those all are same-token
+    over = pairs["oversampled"]
+    assert over.sum() == n_pairs // 2 and pairs["same_token"][over].all()
+    assert pairs["same_token"][~over].float().mean() < 0.5  # uniform draws: mostly different
+    # low-confidence flags
+    st_ = token_stats(h, W, o)
+    if mode == "prob":
+        low = st_["p_own"] < 0.2
+    else:
+        low = st_["entropy"] > st_["entropy"].median()
+    assert torch.equal(pairs["both_low_conf"], low[j] & low[k])
+    assert pairs["both_low_conf"].any() and not pairs["both_low_conf"].all()
+    # Eq. 10 equals Eq. 8 on different-token pairs
+    d_ = ~pairs["same_token"]
+    torch.testing.assert_close(pairs["phi_eq10"][d_], pairs["phi"][d_])
+
+    cells = coupling_cells(pairs)
+    assert set(cells) == {
+        "same_token&low_conf",
+        "same_token&not_low_conf",
+        "diff_token&low_conf",
+        "diff_token&not_low_conf",
+    }
+    assert sum(c["n"] for c in cells.values()) == n_pairs
+    assert abs(sum(c["frac_uniform"] for c in cells.values()) - 1.0) < 1e-9
+    m = pairs["same_token"] & pairs["both_low_conf"]
+    c = cells["same_token&low_conf"]
+    assert c["n"] == int(m.sum())
+    assert math.isclose(c["phi_mean"], pairs["phi"][m].double().mean().item(), rel_tol=1e-9)
+    assert math.isclose(c["contrib_abs_mean"], pairs["contrib"][m].double().abs().mean().item(), rel_tol=1e-9)
+
+
+def test_coupling_pairs_reproducible_and_no_repeats():
+    g = torch.Generator().manual_seed(3)
+    h, W = torch.randn(20, 4, generator=g), torch.randn(30, 4, generator=g)
+    A = torch.randn(20, generator=g)
+    o = torch.arange(20)  # no repeated ids -> no oversampling possible
+    p1 = coupling_pairs(h, W, o, A, "prob", 50, torch.Generator().manual_seed(7))
+    p2 = coupling_pairs(h, W, o, A, "prob", 50, torch.Generator().manual_seed(7))
+    assert torch.equal(p1["j"], p2["j"]) and torch.equal(p1["k"], p2["k"])
+    assert not p1["oversampled"].any() and not p1["same_token"].any()
