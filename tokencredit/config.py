@@ -37,7 +37,7 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     train: str = Field("arithmetic", description="'arithmetic' (built-in, seeded, verifiable) or a .jsonl/.parquet file with prompt (or problem) and answer fields.")
-    difficulty: int = Field(1, ge=1, le=5, description="Difficulty of the built-in arithmetic task (1 = two small operands, +/-; 5 = hardest).")
+    difficulty: int = Field(1, ge=1, le=6, description="Difficulty of the built-in arithmetic task: 1 = single-digit sums (right for a 135M model), 2 = two-digit +/-, ... 6 = nested expressions with exact division (table in tokencredit/data/arithmetic.py).")
     num_train: int = Field(2000, gt=0, description="Number of generated arithmetic training problems (ignored for files).")
     prompt_field: Optional[str] = Field(None, description="Prompt column of a data file (default: 'prompt', else 'problem').")
     answer_field: str = Field("answer", description="Answer column of a data file.")
