@@ -28,6 +28,9 @@ def tiny_overrides(data_file, run_root, **extra):
         "train.micro_batch_size": 8,
         "train.lr": 1e-3,
         "eval.num_problems": 0,
+        "batching.planner": "random",
+        "batching.reward_balance.tau": "null",
+        "probes.flip.every": 0,
         "output.root": str(run_root),
         "output.progress": False,
     }

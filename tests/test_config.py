@@ -66,7 +66,16 @@ def test_every_option_has_help():
 def test_shipped_configs_validate():
     from pathlib import Path
 
-    files = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+    files = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
     assert files, "configs/ is empty"
     for f in files:
         load_config(f)
+
+
+def test_default_yaml_is_the_builtin_default():
+    from pathlib import Path
+
+    from tokencredit.config import Config
+
+    f = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    assert load_config(f) == Config()

@@ -31,8 +31,12 @@ def test_smoke_every_parameter_changes(digits_file, tmp_path):
     assert (tr.run_dir / "config.yaml").is_file() and (tr.run_dir / "summary.json").is_file()
 
 
-def test_resume_reaches_the_same_weights(digits_file, tmp_path):
-    extra = {"train.steps": 4, "output.save_every": 2, "probes.flip.every": 1}
+RB_QB = {"batching.planner": "query_preserved", "batching.reward_balance.tau": 0.25, "batching.reward_balance.target_rows": 16}
+
+
+@pytest.mark.parametrize("arm", ["plain", "qb_rb"])
+def test_resume_reaches_the_same_weights(digits_file, tmp_path, arm):
+    extra = {"train.steps": 4, "output.save_every": 2, "probes.flip.every": 1, **(RB_QB if arm == "qb_rb" else {})}
     a = Trainer(load_config(None, tiny_overrides(digits_file, tmp_path, **extra, **{"output.run_name": "a"})))
     a.train()
     # run b is "killed" after step 2 (it only gets 2 steps), then resumed to 4
@@ -47,6 +51,9 @@ def test_resume_reaches_the_same_weights(digits_file, tmp_path):
     ra, rb = _metrics(a.run_dir), _metrics(b.run_dir)
     assert [r["reward_mean"] for r in ra] == [r["reward_mean"] for r in rb]
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    if arm == "qb_rb":  # the buffer held rows across the checkpoint and released them identically
+        assert [r.get("rb_size") for r in ra] == [r.get("rb_size") for r in rb]
+        assert any(r.get("rb_size", 0) > 0 for r in ra[:2])
 
 
 def test_micro_batch_size_does_not_change_the_update(digits_file, tmp_path):

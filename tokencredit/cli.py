@@ -73,6 +73,8 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     from rich.table import Table
 
     t = Table(title="tokencredit run summary", show_header=False)
+    t.add_column("what")
+    t.add_column("value", overflow="fold")  # never truncate the run directory
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     t.add_row("rollout steps", fmt(summary["steps"]))
     t.add_row("train reward: first step -> last step", f"{fmt(summary['reward_first_step'])} -> {fmt(summary['reward_last_step'])}")
@@ -82,6 +84,7 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     t.add_row("wall time (s)", fmt(summary["wall_s"]))
     t.add_row("run directory", str(run_dir))
     Console(stderr=False).print(t)
+    print(f"run directory: {run_dir}")  # plain line, easy to copy or parse
 
 
 def build_parser() -> argparse.ArgumentParser:

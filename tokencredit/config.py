@@ -52,7 +52,7 @@ class RolloutConfig(_Section):
     n: int = Field(4, gt=0, description="Responses per prompt, the group size G (paper: 8).")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (paper: 1.0). Log-probs and entropies in training use the same temperature. 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
-    max_new_tokens: int = Field(48, gt=0, description="Maximum response length in tokens; longer responses are truncated (and marked unfinished).")
+    max_new_tokens: int = Field(32, gt=0, description="Maximum response length in tokens; longer responses are truncated (and marked unfinished).")
     gen_batch_size: int = Field(32, gt=0, description="Rows generated at once by the HF backend.")
 
 
@@ -87,13 +87,14 @@ class TrainConfig(_Section):
 
 
 class RewardBalanceConfig(_Section):
-    tau: Optional[float] = Field(None, ge=0.0, le=0.5, description="Reward-balanced batching (cancellation paper Sec. 4): release an update set only when min(N+, N-) >= tau*|B|. None = off; paper: 0.5 or 0.25.")
+    tau: Optional[float] = Field(0.25, ge=0.0, le=0.5, description="Reward-balanced batching (cancellation paper Sec. 4): release an update set only when min(N+, N-) >= tau*|B|. None = off; paper: 0.5 or 0.25.")
+    target_rows: Optional[int] = Field(16, gt=0, description="Rows per released update set (None = one rollout batch, prompts_per_step * n). Rows of all-equal-reward groups are dropped on entry, so a full rollout batch's worth usually takes more than one rollout step to collect.")
     max_age: int = Field(4, ge=0, description="Rows older than this many policy versions are dropped from the buffer (and counted).")
     warn_after: int = Field(8, gt=0, description="Warn when this many consecutive rollout steps release nothing.")
 
 
 class BatchingConfig(_Section):
-    planner: str = Field("random", description="Mini-batch planner: random | token_balanced | query_preserved | sign_split.")
+    planner: str = Field("query_preserved", description="Mini-batch planner (docs/batching.md): query_preserved (QB, whole groups per optimizer step; cancellation paper Sec. 4) | token_balanced (verl balance_batch-like: the usual default, scatters groups) | random | sign_split (negative control, Fig. 7a).")
     reward_balance: RewardBalanceConfig = Field(default_factory=RewardBalanceConfig)
 
 
@@ -110,7 +111,7 @@ class TokenWeightsConfig(_Section):
 
 
 class FlipProbeConfig(_Section):
-    every: int = Field(0, ge=0, description="Run the token-flip probe after every k-th update (0 = off).")
+    every: int = Field(1, ge=0, description="Run the token-flip probe after every k-th update (0 = off). Costs one extra forward pass over the update set.")
     eps: float = Field(1e-6, gt=0.0, description="|Δ log p| <= eps counts as stable.")
     save_tokens: bool = Field(False, description="Write per-token records to probes/flip_step_N.parquet.")
 
@@ -125,7 +126,7 @@ class EvalConfig(_Section):
     num_problems: int = Field(32, ge=0, description="Problems per evaluation (0 = no evaluation).")
     n: int = Field(1, gt=0, description="Samples per problem.")
     temperature: float = Field(0.0, ge=0.0, description="Evaluation temperature (0 = greedy).")
-    max_new_tokens: int = Field(48, gt=0, description="Evaluation response length.")
+    max_new_tokens: int = Field(32, gt=0, description="Evaluation response length.")
 
 
 class OutputConfig(_Section):

@@ -107,7 +107,7 @@ class Trainer:
 
             rb = cfg.batching.reward_balance
             self.buffer = RewardBalancedBuffer(
-                tau=rb.tau, target_rows=cfg.rollout.prompts_per_step * cfg.rollout.n, max_age=rb.max_age,
+                tau=rb.tau, target_rows=rb.target_rows or cfg.rollout.prompts_per_step * cfg.rollout.n, max_age=rb.max_age,
                 keep_groups=cfg.batching.planner == "query_preserved", warn_after=rb.warn_after,
             )
 
