@@ -72,3 +72,27 @@ def test_resume_without_checkpoint_is_a_clear_error(digits_file, tmp_path):
     cfg = load_config(None, tiny_overrides(digits_file, tmp_path, **{"output.run_name": "empty"}))
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         Trainer(cfg, run_dir=tmp_path / "empty", resume=True)
+
+
+@pytest.mark.parametrize("scope", ["micro-batch", "mini-batch", "rollout-batch"])
+def test_every_token_weight_method_runs_in_the_trainer(digits_file, tmp_path, scope):
+    from tokencredit.algo.token_weights import TOKEN_WEIGHT_METHODS
+
+    cfg = load_config(None, tiny_overrides(digits_file, tmp_path, **{"output.run_name": f"tw-{scope}", "train.micro_batch_size": 4,
+                                                                     "token_weights.scope": scope}))
+    tr = Trainer(cfg)
+    batch, _ = tr.rollout()
+    assert (batch.advantage != 0).any(), "precondition: a mixed group"
+    methods = TOKEN_WEIGHT_METHODS.names() if scope == "mini-batch" else ["forking", "resrl"]
+    for method in methods:
+        tr.cfg.token_weights.method = method
+        m = tr.update(copy.deepcopy(batch))
+        if method == "none":
+            assert "tw_kept_frac" not in m
+            continue
+        assert 0.0 <= m["tw_kept_frac"] <= 1.0, method
+        if method == "forking":
+            # top-20% by entropy in each scope: about a fifth of the tokens survive (ties aside)
+            assert 0.15 <= m["tw_kept_frac"] <= 0.45
+        if method == "resrl":
+            assert m["resrl_groups"] + m["resrl_groups_skipped"] >= 1
