@@ -25,7 +25,7 @@ _TOKEN_FIELDS = ("response_ids", "response_mask", "old_logprob", "sample_logprob
 # fields that are [B, P] prompt tensors (left-padded)
 _PROMPT_FIELDS = ("prompt_ids", "prompt_mask")
 # fields that are [B] per-row tensors
-_ROW_FIELDS = ("group_id", "reward", "advantage", "policy_version")
+_ROW_FIELDS = ("group_id", "reward", "advantage", "policy_version", "prompt_index")
 # fields that are python lists of length B
 _LIST_FIELDS = ("prompt_text", "response_text", "answer", "finished")
 
@@ -41,6 +41,7 @@ class RolloutBatch:
     reward: torch.Tensor | None = None  # [B] float
     advantage: torch.Tensor | None = None  # [B] float
     policy_version: torch.Tensor | None = None  # [B] long, policy step that sampled the row
+    prompt_index: torch.Tensor | None = None  # [B] long, index of the row's prompt in the training data
     old_logprob: torch.Tensor | None = None  # [B, T] float, policy at update start
     sample_logprob: torch.Tensor | None = None  # [B, T] float, from the sampler
     entropy: torch.Tensor | None = None  # [B, T] float

@@ -198,6 +198,7 @@ class Trainer:
         t2 = time.perf_counter()
         batch.advantage = group_advantages(batch.reward, batch.group_id, cfg.algo.adv_estimator, cfg.algo.adv_eps)
         batch.policy_version = torch.full((len(batch),), self.policy_version, dtype=torch.long)
+        batch.prompt_index = torch.tensor(idx, dtype=torch.long).repeat_interleave(cfg.rollout.n)
         ntok = batch.num_tokens
         self.tokens_generated += ntok
         m = {
@@ -358,7 +359,8 @@ class Trainer:
 
         d = self.run_dir / "probes"
         d.mkdir(exist_ok=True)
-        rec = flip_records(delta, batch.advantage, batch.response_mask, batch.response_ids, batch.entropy, l_before, self.policy_version)
+        rec = flip_records(delta, batch.advantage, batch.response_mask, batch.response_ids, batch.entropy, l_before, self.policy_version,
+                           group_id=batch.group_id, prompt_index=batch.prompt_index)
         tmp = d / f".flip_step_{self.rollout_step}.parquet.tmp"
         pq.write_table(pa.table(rec), tmp)
         tmp.replace(d / f"flip_step_{self.rollout_step}.parquet")

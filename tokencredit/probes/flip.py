@@ -57,11 +57,21 @@ def flip_records(
     entropy: torch.Tensor | None,
     old_logprob: torch.Tensor,
     step: int,
+    group_id: torch.Tensor | None = None,
+    prompt_index: torch.Tensor | None = None,
 ) -> dict[str, list]:
     """Per-token records (columns) for parquet: step, row, position, token_id,
-    delta, advantage, entropy, old_prob. Only valid tokens."""
+    delta, advantage, entropy, old_prob, and when given group_id / prompt_index
+    ([B] per row: the row's group and the index of its prompt in the training
+    data, which stays valid when the reward-balanced buffer mixes rollout steps).
+    Only valid tokens."""
     rows, pos = mask.bool().nonzero(as_tuple=True)
-    return {
+    extra = {}
+    if group_id is not None:
+        extra["group_id"] = group_id[rows].tolist()
+    if prompt_index is not None:
+        extra["prompt_index"] = prompt_index[rows].tolist()
+    return extra | {
         "step": [step] * int(rows.numel()),
         "row": rows.tolist(),
         "position": pos.tolist(),
