@@ -1,0 +1,270 @@
+"""Token value probe (Eq. 20): hand-computed statistics, the shared-prefix
+continuation path against the unshared ones on the tiny model, an end-to-end
+value on a toy task scored by the real verifier, and an interrupted + resumed
+run of the probe on a small run directory."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tokencredit.probes.value import (
+    branch_continuations,
+    counterfactual_value,
+    entropy_topk_gaps,
+    next_token_probs,
+    repeat_gaps,
+    select_tokens,
+    split_gap,
+    token_values,
+    value_gap,
+)
+
+# ----------------------------------------------------------------- pure math
+
+
+def test_counterfactual_value_hand_numbers():
+    assert counterfactual_value(0.75, 0.5, 0.5) == pytest.approx(0.5)
+    assert counterfactual_value(0.2, 0.6, 0.2) == pytest.approx(-0.5)
+    assert counterfactual_value(1.0, 0.0, 0.0) == 1.0
+    assert math.isnan(counterfactual_value(1.0, 1.0, 1.0))
+    assert math.isnan(counterfactual_value(1.0, 0.5, float("nan")))
+
+
+def test_eq20_recovers_q_minus_counterfactual_q():
+    # exact expectations: V = p Q + (1 - p) Q_-  =>  (Q - V) / (1 - p) = Q - Q_-
+    for Q, Qm, p in [(0.9, 0.3, 0.25), (0.1, 0.8, 0.6), (0.5, 0.5, 0.1)]:
+        V = p * Q + (1 - p) * Qm
+        assert counterfactual_value(Q, V, p) == pytest.approx(Q - Qm)
+
+
+def test_value_gap_and_bootstrap():
+    gap, lo, hi = value_gap([1.0, 0.5, 0.0], [0.0, 0.5], n_boot=2000, seed=1)
+    assert gap == pytest.approx(0.5 - 0.25)
+    assert lo <= gap <= hi and lo >= -0.5 and hi <= 1.0
+    assert value_gap([1.0, 0.5, 0.0], [0.0, 0.5], n_boot=2000, seed=1) == (gap, lo, hi)
+    assert value_gap([0.3, float("nan")], [0.1], n_boot=0) == pytest.approx((0.2, 0.2, 0.2))
+    assert all(math.isnan(x) for x in value_gap([], [1.0]))
+    # constant groups: zero-width interval
+    assert value_gap([2.0] * 5, [1.0] * 4, n_boot=100) == (1.0, 1.0, 1.0)
+
+
+def _rec(kind, value, entropy=0.0, **kw):
+    return {"kind": kind, "value": value, "entropy": entropy, **kw}
+
+
+def test_split_gap_and_entropy_subsets():
+    recs = [_rec("boosted", 1.0, 9), _rec("suppressed", 0.0, 8), _rec("boosted", 0.0, 2), _rec("suppressed", 0.0, 1),
+            _rec("boosted", None, 5), _rec("stable", 5.0, 7)]
+    s = split_gap(recs, n_boot=0)
+    assert (s["gap"], s["n_boosted"], s["n_suppressed"]) == (0.5, 2, 2)
+    rows = entropy_topk_gaps(recs, ks=(40, 100), n_boot=0)
+    # valued tokens by entropy: 9 (b, 1), 8 (s, 0), 7 (stable), 2 (b, 0), 1 (s, 0)
+    assert rows[0]["n"] == 2 and rows[0]["gap"] == 1.0
+    assert rows[1]["n"] == 5 and rows[1]["gap"] == 0.5
+
+
+def test_repeat_gaps_relabels_by_cumulative_delta():
+    recs = [_rec("boosted", 1.0, delta_repeat=[0.1, 0.2]), _rec("suppressed", 0.0, delta_repeat=[-0.1, 0.3]),
+            _rec("suppressed", 0.5, delta_repeat=[-0.2, -0.4])]
+    g = repeat_gaps(recs)
+    assert [r["update"] for r in g] == [1, 2]
+    assert g[0]["gap"] == pytest.approx(1.0 - 0.25)  # boosted {1.0}, suppressed {0.0, 0.5}
+    assert g[1]["gap"] == pytest.approx(0.5 - 0.5)  # boosted {1.0, 0.0}, suppressed {0.5}
+    assert repeat_gaps([_rec("boosted", 1.0)]) == []
+
+
+def test_select_tokens_balanced_and_interleaved():
+    #           pos rows: 3 boosted, 2 suppressed, 1 stable; neg rows: 1 boosted, 4 suppressed; A = 0: ignored
+    delta = [0.1, 0.2, 0.3, -0.1, -0.2, 0.0, 0.5, -0.1, -0.2, -0.3, -0.4, 0.9, -0.9]
+    adv = [1.0] * 6 + [-1.0] * 5 + [0.0, 0.0]
+    picks = select_tokens(delta, adv, n_tokens=16, seed=0)
+    cells = [(k, s) for _, k, s in picks]
+    assert cells.count(("boosted", "pos")) == cells.count(("suppressed", "pos")) == 2
+    assert cells.count(("boosted", "neg")) == cells.count(("suppressed", "neg")) == 1
+    assert cells[:4] == [("boosted", "pos"), ("suppressed", "pos"), ("boosted", "neg"), ("suppressed", "neg")]
+    for i, k, s in picks:
+        assert (delta[i] > 0) == (k == "boosted") and (adv[i] > 0) == (s == "pos")
+    assert select_tokens(delta, adv, 16, seed=0) == picks
+    assert len(select_tokens(delta, adv, n_tokens=4, seed=0)) == 4
+
+
+def test_next_token_probs_top_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.allclose(next_token_probs(logits, 1.0), torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.allclose(next_token_probs(logits, 1.0, top_p=0.7), torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    assert torch.equal(next_token_probs(logits, 0.0), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
+# ----------------------------------------------------------------- tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from tokencredit.model.tiny import build_tiny
+
+    return build_tiny(seed=0)
+
+
+def _prefix(tok, text="<|im_start|>user\nSay 7<|im_end|>\n<|im_start|>assistant\nIt is"):
+    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_shared_cache_matches_unshared_paths(tiny):
+    model, tok = tiny
+    prefix = _prefix(tok)
+    o_t = tok.convert_tokens_to_ids(" ")
+    kw = dict(max_new_tokens=6, temperature=0.0, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, return_logits=True)
+    res = {m: branch_continuations(model, prefix, o_t, 3, mode=m, **kw) for m in ("shared", "batched", "sequential")}
+    assert res["shared"]["tokens"] == res["batched"]["tokens"] == res["sequential"]["tokens"]
+    assert all(len(t) == 6 for t in res["shared"]["tokens"])
+    assert res["shared"]["tokens"][0][0] == o_t
+    # first generate step with the shared cache == a plain forward over the whole (R, L+1) input, no cache
+    first = torch.tensor([t[0] for t in res["shared"]["tokens"]])
+    ids = torch.cat([prefix.expand(6, -1), first[:, None]], 1)
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits[:, -1]  # (R, V)
+    torch.testing.assert_close(res["shared"]["first_logits"], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res["batched"]["first_logits"], ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        p_ref = torch.softmax(model(input_ids=prefix[None]).logits[0, -1], -1)[o_t]
+    probs1 = next_token_probs(model(input_ids=prefix[None]).logits[0, -1].detach(), 1.0)
+    assert probs1[o_t].item() == pytest.approx(p_ref.item(), rel=1e-5)
+
+
+def test_shared_sampling_stops_at_eos_and_budget(tiny):
+    model, tok = tiny
+    prefix = _prefix(tok)
+    eos = tok.eos_token_id
+    torch.manual_seed(0)
+    r = branch_continuations(model, prefix, eos, 4, max_new_tokens=5, temperature=1.0, eos_ids=[eos], pad_id=tok.pad_token_id)
+    assert r["tokens"][:4] == [[eos]] * 4  # forced EOS: the branch-0 responses end at once
+    for t in r["tokens"][4:]:
+        assert 1 <= len(t) <= 5 and (eos not in t[:-1])
+    one = branch_continuations(model, prefix, 5, 2, max_new_tokens=1, temperature=1.0, eos_ids=[eos], pad_id=tok.pad_token_id)
+    assert all(len(t) == 1 for t in one["tokens"])
+
+
+def test_token_value_on_a_toy_task_with_the_verifier(tiny):
+    """Last position, forced token '7', answer 7: every s_t + o_t continuation is
+    correct (avg0 = 1); from s_t only a sampled '7' is. Greedy: value = 1 - 0."""
+    from tokencredit.rewards import MathVerifier
+
+    model, tok = tiny
+    prompt = tok("<|im_start|>user\nSay 7<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    resp = tok("It is 7", add_special_tokens=False)["input_ids"]
+    t = len(resp) - 1
+    with MathVerifier(timeout_s=1) as ver:
+        greedy = token_values(model, tok, [prompt], [resp], [t], ["7"], 4, ver, max_new_tokens=len(resp), temperature=0.0)[0]
+        sampled = token_values(model, tok, [prompt], [resp], [t], ["7"], 8, ver, max_new_tokens=len(resp), temperature=1.0, seed=3)[0]
+        again = token_values(model, tok, [prompt], [resp], [t], ["7"], 8, ver, max_new_tokens=len(resp), temperature=1.0, seed=3)[0]
+    assert greedy["avg0"] == 1.0 and greedy["rewards0"] == [1.0] * 4
+    assert greedy["p"] in (0.0, 1.0)
+    if greedy["p"] == 0.0:  # the random model's argmax is not '7'
+        assert greedy["avg1"] == 0.0 and greedy["value"] == 1.0
+    with torch.no_grad():
+        p_ref = torch.softmax(model(input_ids=torch.tensor([prompt + resp[:t]])).logits[0, -1], -1)[resp[t]].item()
+    assert sampled["p"] == pytest.approx(p_ref, rel=1e-5)
+    assert sampled["avg0"] == 1.0
+    assert sampled["value"] == pytest.approx((1.0 - sampled["avg1"]) / (1.0 - p_ref))
+    assert again["rewards1"] == sampled["rewards1"]  # per-token seed: reproducible
+
+
+# ----------------------------------------------------------------- the probe on a run directory
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory without training: config + flip_step_1.parquet from a real
+    rollout of the initial tiny model, so the probe's model is exact (step 1)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tokencredit.config import dump_config, load_config
+    from tokencredit.model import forward_tokens, load_model
+    from tokencredit.probes.flip import flip_records
+    from tokencredit.probes.value import step_prompts
+    from tokencredit.rollout.hf import generate_hf
+
+    d = tmp_path_factory.mktemp("valuerun")
+    data = d / "digits.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Say the digit {i}.", "answer": str(i)}) for i in range(10)) + "\n")
+    cfg = load_config(None, [f"data.train={data}", "model.name=tiny-random", "rollout.prompts_per_step=2", "rollout.n=4",
+                             "rollout.max_new_tokens=5", "train.lr=0.01", "output.root=" + str(d)])
+    (d / "config.yaml").write_text(dump_config(cfg))
+    model, tok = load_model("tiny-random")
+    prompts, answers = step_prompts(cfg, tok, 1)
+    torch.manual_seed(0)
+    b = generate_hf(model, tok, prompts, n=4, temperature=1.0, top_p=1.0, max_new_tokens=5, answers=answers)
+    b.advantage = torch.tensor([1.0, -1.0] * 4)
+    with torch.no_grad():
+        lp = forward_tokens(model, b, with_entropy=True)
+    delta = torch.randn(lp["logprob"].shape, generator=torch.Generator().manual_seed(0)) * b.response_mask
+    from tokencredit.probes.value import _prompt_shell
+
+    pidx = torch.tensor(_prompt_shell(cfg, tok)._prompt_indices(0)).repeat_interleave(4)  # as the trainer records it
+    rec = flip_records(delta, b.advantage, b.response_mask, b.response_ids, lp["entropy"], lp["logprob"], 1,
+                       group_id=b.group_id, prompt_index=pidx)
+    (d / "probes").mkdir()
+    pq.write_table(pa.table(rec), d / "probes" / "flip_step_1.parquet")
+    return d
+
+
+def test_probe_writes_resumes_and_matches_old_prob(run_dir):
+    from tokencredit.probes.value import read_done, run_value_probe
+
+    out = run_dir / "probes" / "value_step_1.jsonl"
+    res = run_value_probe(run_dir, 1, n_tokens=4, M=2, repeat=2, progress=False)
+    assert res["written"] == 4 and res["skipped"] == 0
+    assert res["checkpoint"].startswith("initial model")
+    full = read_done(out)
+    assert len(full) == 4
+    assert sum(r["kind"] == "boosted" for r in full) == 2
+    assert {r["sign"] for r in full} == {"pos", "neg"}
+    for r in full:
+        assert r["p"] == pytest.approx(r["old_prob"], abs=1e-5)  # right prompt, right model
+        assert len(r["delta_repeat"]) == 2 and r["checkpoint_exact"] is True
+        assert r["value"] is None or r["value"] == pytest.approx((r["avg0"] - r["avg1"]) / (1 - r["p"]))
+    # interrupted run: 2 complete lines and a torn one
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])
+    res2 = run_value_probe(run_dir, 1, n_tokens=4, M=2, repeat=2, progress=False)
+    assert (res2["written"], res2["skipped"]) == (2, 2)
+    again = read_done(out)
+    strip = lambda r: {k: v for k, v in r.items() if k != "time_s"}  # noqa: E731
+    assert sorted(map(json.dumps, map(strip, again))) == sorted(map(json.dumps, map(strip, full)))
+
+
+def test_cli_errors(run_dir, capsys):
+    import argparse
+
+    from tokencredit.probes.value import add_cli
+
+    ap = argparse.ArgumentParser()
+    add_cli(ap.add_subparsers())
+    a = ap.parse_args(["value", str(run_dir), "--step", "1", "--tokens", "4", "--M", "3", "--no-progress"])
+    assert a.func(a) == 2 and "M=2" in capsys.readouterr().err
+    a = ap.parse_args(["value", str(run_dir), "--step", "9"])
+    with pytest.raises(FileNotFoundError, match="flip_step_9"):
+        a.func(a)
+
+
+def test_row_groups_and_the_buffer_needs_group_ids(run_dir, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from tokencredit.probes.value import row_groups, run_value_probe
+
+    assert row_groups({"row": [0, 3, 4, 7]}, step=3, prompts_per_step=2, n=4) == {0: 4, 3: 4, 4: 5, 7: 5}
+    assert row_groups({"row": [0, 5], "group_id": [17, 4]}, step=3, prompts_per_step=2, n=4) == {0: 17, 5: 4}
+    with pytest.raises(ValueError, match="group_id"):
+        row_groups({"row": [8]}, step=1, prompts_per_step=2, n=4)
+    # default config (reward-balanced buffer on) + records without prompt_index: refused before any model work
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("value_*"))
+    t = pq.read_table(d / "probes" / "flip_step_1.parquet").drop(["prompt_index"])
+    pq.write_table(t, d / "probes" / "flip_step_1.parquet")
+    with pytest.raises(ValueError, match="prompt_index"):
+        run_value_probe(d, 1, n_tokens=4, M=2, progress=False)

@@ -1,0 +1,833 @@
+"""Counterfactual token value by Monte Carlo (cancellation paper App. E.2, Eq. 20; Fig. 5, Fig. 11).
+
+What it does
+    For a sampled response token o_t at state s_t = (q, o_<t):
+
+        avg0  = mean reward of M continuations sampled from s_t + o_t   ~ Q(s_t, o_t)
+        avg1  = mean reward of M continuations sampled from s_t         ~ V(s_t)
+        value = (avg0 - avg1) / (1 - p(o_t | s_t))                       (Eq. 20)
+
+    i.e. Q(s_t, o_t) - Q_{-o_t}(s_t): how much better taking o_t is than
+    sampling an alternative token. Rewards come from the task's verifier on
+    the whole response (o_<t, o_t, continuation). `tokencredit value RUN_DIR
+    --step N` samples equal numbers of boosted and suppressed tokens (Δ log p
+    of the update of rollout step N, from probes/flip_step_N.parquet), half
+    from rows with A > 0 and half from rows with A < 0, estimates their values
+    and reports the value gap (mean boosted - mean suppressed) with a
+    bootstrap CI (Fig. 5a), per top-k% entropy subset (Fig. 5b) and, with
+    `--repeat U`, after u = 1..U repeated updates on that batch (Fig. 11).
+
+How the 2M continuations of one token share work
+    One forward pass over s_t gives the prefix KV cache and the next-token
+    distribution pi(.|s_t), hence p(o_t) and the first tokens of the M rows of
+    the s_t branch (sampled here; the other M rows start with o_t). All 2M
+    rows now have the same length |s_t| + 1, so the cache is repeated across
+    them (`DynamicCache.batch_repeat_interleave`) and ONE `generate` call
+    continues all of them, computing only the new tokens: the prefix is
+    encoded once instead of 2M times. `mode="batched"` (no cache sharing, one
+    call) and `mode="sequential"` (one call per continuation) are the
+    references the tests and bench/value_cache_bench.py compare against.
+
+Simplifications
+    * Model for step N: checkpoints/step_{N-1} (the policy before the update
+      of step N, which is the policy that sampled the batch) when it exists;
+      for N = 1 the run's initial model (model.name, loaded as the trainer
+      does); otherwise the nearest other checkpoint, with a warning and
+      "checkpoint_exact": false in every record; `--checkpoint` overrides.
+    * Prompts are rebuilt from the run's config exactly as the trainer draws
+      them (same data, same seeded order). The trainer writes each row's
+      "prompt_index" (index into the training data) into the flip records,
+      which is exact also when the reward-balanced buffer assembled the
+      update set from several rollout steps. Older records without it fall
+      back to the group id (prompt j of rollout step s has id
+      s * prompts_per_step + j), else row r of flip_step_N is taken from step
+      N's own batch (prompt r // rollout.n); with batching.reward_balance.tau
+      set the probe refuses those. Flip records that carry "prompt" and
+      "answer" columns are used as is.
+    * The continuation budget is rollout.max_new_tokens - t, so completed
+      responses are no longer than the ones trained on.
+    * Fig. 11's repeated updates: U AdamW steps (fresh optimizer, run's lr and
+      clip settings, one step per update on the whole batch), surrogate
+      ratios against the pre-update log-probs; token values stay those of the
+      pre-update policy, only the boosted / suppressed labels change.
+    * p(o_t) is recomputed from the loaded model at the run's temperature
+      (top-p truncated if top_p < 1) and stored beside the flip record's
+      old_prob; a mismatch flags a wrong checkpoint or prompt.
+
+Try it
+    tokencredit value runs/my-run --step 3 --tokens 32 --M 8     # -> runs/my-run/probes/value_step_3.jsonl
+    tokencredit value runs/my-run --step 3 --tokens 32 --M 8 --repeat 4
+    tokencredit report runs/my-run                                # draws Fig. 5a/5b/11 from it
+    python bench/value_cache_bench.py                             # shared-prefix speed-up
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger("tokencredit.value")
+
+MODES = ("shared", "batched", "sequential")
+
+
+# ----------------------------------------------------------------------------
+# pure statistics (no model): Eq. 20, bootstrap gap, entropy subsets
+# ----------------------------------------------------------------------------
+
+
+def counterfactual_value(avg0: float, avg1: float, p: float, min_denominator: float = 1e-6) -> float:
+    """Eq. 20: value(o_t | s_t) = (avg0 - avg1) / (1 - p(o_t)).
+
+    avg0: mean reward of M continuations from s_t + o_t (Q(s_t, o_t) estimate);
+    avg1: mean reward of M continuations from s_t      (V(s_t) estimate);
+    p:    pi(o_t | s_t) under the policy that samples the continuations.
+    Since V = p Q + (1 - p) Q_{-o_t}, (Q - V) / (1 - p) = Q - Q_{-o_t}: the gain of
+    taking o_t over a counterfactual alternative. NaN when 1 - p < min_denominator
+    (a forced token has no alternative to compare with).
+    """
+    denom = 1.0 - float(p)
+    if not denom >= min_denominator:  # also catches NaN
+        return float("nan")
+    return (float(avg0) - float(avg1)) / denom
+
+
+def _clean(x: Iterable[float]) -> np.ndarray:
+    a = np.asarray(list(x), dtype=np.float64)
+    return a[np.isfinite(a)]
+
+
+def value_gap(
+    values_boosted: Sequence[float],
+    values_suppressed: Sequence[float],
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float, float]:
+    """Value gap = mean(boosted values) - mean(suppressed values) (Fig. 5a) with a
+    percentile bootstrap (1 - alpha) confidence interval.
+
+    Each bootstrap replicate resamples the boosted values (n_b,) and the suppressed
+    values (n_s,) independently with replacement. NaN values are dropped first.
+    Returns (gap, lo, hi); all NaN when either side is empty; lo == hi == gap when
+    n_boot == 0.
+    """
+    b, s = _clean(values_boosted), _clean(values_suppressed)
+    if b.size == 0 or s.size == 0:
+        return (float("nan"),) * 3
+    gap = float(b.mean() - s.mean())
+    if n_boot <= 0:
+        return gap, gap, gap
+    rng = np.random.default_rng(seed)
+    bi = rng.integers(0, b.size, size=(n_boot, b.size))  # (n_boot, n_b)
+    si = rng.integers(0, s.size, size=(n_boot, s.size))  # (n_boot, n_s)
+    reps = b[bi].mean(1) - s[si].mean(1)  # (n_boot,)
+    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
+    return gap, float(lo), float(hi)
+
+
+def split_gap(records: Sequence[dict], n_boot: int = 1000, seed: int = 0, kind_key: str = "kind") -> dict[str, float]:
+    """Gap over value records (dicts with "value" and kind_key in {"boosted",
+    "suppressed"}): {"gap", "lo", "hi", "n_boosted", "n_suppressed",
+    "mean_boosted", "mean_suppressed"}."""
+    vb = _clean(r["value"] for r in records if r.get(kind_key) == "boosted" and r.get("value") is not None)
+    vs = _clean(r["value"] for r in records if r.get(kind_key) == "suppressed" and r.get("value") is not None)
+    gap, lo, hi = value_gap(vb, vs, n_boot=n_boot, seed=seed)
+    return {
+        "gap": gap, "lo": lo, "hi": hi, "n_boosted": int(vb.size), "n_suppressed": int(vs.size),
+        "mean_boosted": float(vb.mean()) if vb.size else math.nan,
+        "mean_suppressed": float(vs.mean()) if vs.size else math.nan,
+    }
+
+
+def entropy_topk_gaps(
+    records: Sequence[dict],
+    ks: Sequence[float] = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100),
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """Fig. 5b: sort the valued tokens by entropy (highest first) and compute the
+    value gap on the top-k% subset for each k in `ks` (percent). Records need
+    "entropy", "value", "kind". Returns one split_gap dict per k, plus "k" and "n"."""
+    rs = [r for r in records if r.get("value") is not None and np.isfinite(r.get("entropy", np.nan)) and np.isfinite(r["value"])]
+    rs.sort(key=lambda r: -r["entropy"])
+    out = []
+    for k in ks:
+        n = max(1, int(math.ceil(len(rs) * k / 100.0))) if rs else 0
+        d = split_gap(rs[:n], n_boot=n_boot, seed=seed)
+        d.update({"k": float(k), "n": n})
+        out.append(d)
+    return out
+
+
+def repeat_gaps(records: Sequence[dict], eps: float = 1e-6, n_boot: int = 1000, seed: int = 0) -> list[dict[str, float]]:
+    """Fig. 11: value gap after u = 1..U repeated updates on the same batch.
+
+    Each record carries "delta_repeat" = [d_1, ..., d_U], the cumulative
+    log-prob change of its token after u updates; the token counts as boosted
+    after u updates if d_u > eps, suppressed if d_u < -eps. The values stay
+    those estimated under the pre-update policy. Returns one split_gap dict per
+    u with "update" = u. Empty if no record has "delta_repeat".
+    """
+    rs = [r for r in records if r.get("delta_repeat") and r.get("value") is not None]
+    if not rs:
+        return []
+    U = min(len(r["delta_repeat"]) for r in rs)
+    out = []
+    for u in range(U):
+        kinds = [
+            dict(value=r["value"], kind="boosted" if r["delta_repeat"][u] > eps else "suppressed" if r["delta_repeat"][u] < -eps else "stable")
+            for r in rs
+        ]
+        d = split_gap(kinds, n_boot=n_boot, seed=seed)
+        d["update"] = u + 1
+        out.append(d)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# continuations from s_t + o_t and from s_t
+# ----------------------------------------------------------------------------
+
+
+def next_token_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """(V,) logits -> (V,) float32 probabilities of the sampling policy: softmax at
+    `temperature` (one-hot argmax when temperature == 0), nucleus-truncated and
+    renormalised when top_p < 1 (as transformers' top-p keeps the smallest set
+    whose mass reaches top_p)."""
+    z = logits.float()
+    if temperature <= 0:
+        return torch.nn.functional.one_hot(z.argmax(), z.numel()).float()
+    probs = torch.softmax(z / temperature, dim=-1)  # (V,)
+    if top_p < 1.0:
+        sp, si = probs.sort(descending=True)
+        drop = (sp.cumsum(0) - sp) >= top_p  # mass strictly before a token already reaches top_p
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, si, sp)
+        probs = probs / probs.sum()
+    return probs
+
+
+def _gen_kwargs(temperature: float, top_p: float, pad_id: int, eos_ids: Sequence[int]) -> dict:
+    kw: dict[str, Any] = dict(pad_token_id=pad_id, eos_token_id=list(eos_ids))
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+def _cut_at_eos(seq: list[int], eos_ids: set[int]) -> list[int]:
+    """Tokens up to and including the first EOS."""
+    for i, t in enumerate(seq):
+        if t in eos_ids:
+            return seq[: i + 1]
+    return seq
+
+
+@torch.no_grad()
+def branch_continuations(
+    model,
+    prefix_ids: torch.Tensor,
+    token_id: int,
+    M: int,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    mode: str = "shared",
+    return_logits: bool = False,
+) -> dict[str, Any]:
+    """2M continuations of the state s_t = prefix_ids: rows 0..M-1 start with the
+    forced token o_t = token_id (branch s_t + o_t), rows M..2M-1 with a token
+    sampled from pi(.|s_t) (branch s_t).
+
+    Args:
+        prefix_ids: (L,) long, prompt + o_<t (no padding).
+        max_new_tokens: budget counted from s_t, first token included (>= 1).
+        mode: "shared" (prefix encoded once, its KV cache repeated over the 2M
+            rows, one generate call), "batched" (one generate call, every row
+            re-encodes the prefix) or "sequential" (one call per row).
+        return_logits: also return the logits of the first generate step
+            ((R, V) for the R rows that continue), for equality checks.
+    Returns dict:
+        tokens  list of 2M token lists, the first token included, cut after
+                the first EOS (each at most max_new_tokens long)
+        p       float, pi(o_t | s_t) under the sampling policy
+        probs   (V,) float32 next-token distribution at s_t
+        first_logits  (only with return_logits) or None when nothing continued
+    The sampling RNG is torch's global one: seed it around the call.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    dev = next(model.parameters()).device
+    prefix = prefix_ids.to(dev).view(1, -1)  # (1, L)
+    L = prefix.shape[1]
+    out = model(input_ids=prefix, use_cache=(mode == "shared"))
+    probs = next_token_probs(out.logits[0, -1], temperature, top_p)  # (V,)
+    p = float(probs[token_id])
+    first = torch.empty(2 * M, dtype=torch.long)  # (2M,)
+    first[:M] = token_id
+    first[M:] = torch.multinomial(probs.cpu(), M, replacement=True) if temperature > 0 else probs.argmax().cpu()
+    eos = set(int(e) for e in eos_ids)
+    tokens = [[int(f)] for f in first]
+    active = [i for i in range(2 * M) if int(first[i]) not in eos]  # rows that go on
+    result: dict[str, Any] = {"tokens": tokens, "p": p, "probs": probs.cpu(), "first_logits": None}
+    if max_new_tokens == 1 or not active:
+        return result
+    R = len(active)
+    ids = torch.cat([prefix.expand(R, L), first[active].to(dev).view(R, 1)], dim=1)  # (R, L+1)
+    gk = _gen_kwargs(temperature, top_p, pad_id, eos_ids)
+    gk.update(max_new_tokens=max_new_tokens - 1, return_dict_in_generate=True, output_logits=return_logits)
+    if mode == "shared":
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(R)  # (1, heads, L, d) -> (R, heads, L, d) per layer
+        g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **gk)
+        seqs, logits0 = g.sequences[:, L + 1 :].cpu(), (g.logits[0].cpu() if return_logits else None)
+    elif mode == "batched":
+        g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gk)
+        seqs, logits0 = g.sequences[:, L + 1 :].cpu(), (g.logits[0].cpu() if return_logits else None)
+    else:
+        parts, lg = [], []
+        for r in range(R):
+            g = model.generate(input_ids=ids[r : r + 1], attention_mask=torch.ones_like(ids[r : r + 1]), **gk)
+            parts.append(g.sequences[0, L + 1 :].cpu().tolist())
+            if return_logits:
+                lg.append(g.logits[0].cpu())
+        seqs, logits0 = parts, (torch.cat(lg) if return_logits else None)
+    for r, i in enumerate(active):
+        cont = seqs[r].tolist() if isinstance(seqs, torch.Tensor) else seqs[r]
+        tokens[i] = _cut_at_eos(tokens[i] + cont, eos)
+    result["first_logits"] = logits0
+    return result
+
+
+def token_seed(seed: int, row: int, position: int) -> int:
+    """Per-token RNG seed: a token's continuations do not depend on which other
+    tokens were valued before it (so resuming reproduces an unbroken run)."""
+    return (int(seed) * 1_000_003 + int(row) * 10_007 + int(position)) % (2**63 - 1)
+
+
+def token_values(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    positions: Sequence[int],
+    answers: Sequence[str],
+    M: int,
+    verifier: Callable[[list[str], list[str]], list[float]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    rows: Sequence[int] | None = None,
+    mode: str = "shared",
+    progress: bool = False,
+    on_result: Callable[[int, dict], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Eq. 20 for K tokens: token k is response_ids[k][positions[k]] of a
+    response to prompt_ids[k] (ids without padding), scored against answers[k].
+
+    max_new_tokens: the response budget of the run (rollout.max_new_tokens);
+    continuations from s_t get max_new_tokens - t tokens. `rows` (K,) only
+    feeds the per-token seed (default: k). Each result dict: avg0, avg1, p,
+    value, M, rewards0 / rewards1 (lists of M), len0 / len1 (mean completed
+    response lengths), time_s. `on_result(k, result)` is called as each token
+    finishes (the CLI appends a JSON line there).
+    """
+    from tqdm.auto import tqdm
+
+    from tokencredit.rollout.hf import _eos_ids
+
+    eos_ids = _eos_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    rows = list(rows) if rows is not None else list(range(len(positions)))
+    results = []
+    was_training = model.training
+    model.eval()
+    for k in tqdm(range(len(positions)), desc="token value", disable=not progress, dynamic_ncols=True):
+        t = int(positions[k])
+        resp = [int(x) for x in response_ids[k]]
+        if not 0 <= t < len(resp):
+            raise IndexError(f"position {t} outside a response of {len(resp)} tokens")
+        budget = max_new_tokens - t
+        if budget < 1:
+            raise ValueError(f"position {t} is at or past max_new_tokens={max_new_tokens}")
+        prefix = torch.tensor([int(x) for x in prompt_ids[k]] + resp[:t], dtype=torch.long)  # (L,)
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(token_seed(seed, rows[k], t))
+            br = branch_continuations(model, prefix, resp[t], M, max_new_tokens=budget, temperature=temperature, top_p=top_p,
+                                      eos_ids=eos_ids, pad_id=pad_id, mode=mode)
+        texts = tokenizer.batch_decode([resp[:t] + c for c in br["tokens"]], skip_special_tokens=True)
+        r = [float(x) for x in verifier(texts, [answers[k]] * len(texts))]
+        avg0, avg1 = sum(r[:M]) / M, sum(r[M:]) / M
+        res = {
+            "avg0": avg0, "avg1": avg1, "p": br["p"], "value": counterfactual_value(avg0, avg1, br["p"]), "M": M,
+            "rewards0": r[:M], "rewards1": r[M:],
+            "len0": t + sum(len(c) for c in br["tokens"][:M]) / M, "len1": t + sum(len(c) for c in br["tokens"][M:]) / M,
+            "time_s": time.perf_counter() - t0,
+        }
+        results.append(res)
+        if on_result is not None:
+            on_result(k, res)
+    if was_training:
+        model.train()
+    return results
+
+
+# ----------------------------------------------------------------------------
+# which tokens: equal numbers of boosted / suppressed, from A > 0 and A < 0 rows
+# ----------------------------------------------------------------------------
+
+
+def select_tokens(delta: Sequence[float], advantage: Sequence[float], n_tokens: int, eps: float = 1e-6, seed: int = 0) -> list[tuple[int, str, str]]:
+    """Pick about n_tokens record indices: for each row sign s in (pos, neg),
+    n_s = min(n_tokens // 4, #boosted_s, #suppressed_s) boosted (delta > eps) and
+    as many suppressed (delta < -eps) tokens, uniformly without replacement.
+    Rows with A == 0 are never picked. The list interleaves the four cells
+    (boosted/pos, suppressed/pos, boosted/neg, suppressed/neg, ...) so any
+    prefix of it, e.g. what an interrupted run wrote, stays balanced.
+    Returns [(index, kind, sign)]."""
+    rng = np.random.default_rng(seed)
+    d = np.asarray(delta, dtype=np.float64)
+    a = np.asarray(advantage, dtype=np.float64)
+    per = max(n_tokens // 4, 0)
+    cells = []
+    for sign, sel in (("pos", a > 0), ("neg", a < 0)):
+        b = np.flatnonzero(sel & (d > eps))
+        s = np.flatnonzero(sel & (d < -eps))
+        n = min(per, b.size, s.size)
+        cells.append([(int(i), "boosted", sign) for i in rng.choice(b, n, replace=False)] if n else [])
+        cells.append([(int(i), "suppressed", sign) for i in rng.choice(s, n, replace=False)] if n else [])
+    out = []
+    for j in range(max((len(c) for c in cells), default=0)):
+        out += [c[j] for c in cells if j < len(c)]
+    return out
+
+
+# ----------------------------------------------------------------------------
+# reading a run: config, prompts of step N, model before the update of step N
+# ----------------------------------------------------------------------------
+
+
+def _prompt_shell(cfg, tokenizer):
+    """The trainer's own prompt code (Trainer._render / _prompt_indices) on the
+    run's data, without building a trainer (no model, no run-dir writes)."""
+    from tokencredit.data import arithmetic_problems, load_problems, render_prompt
+    from tokencredit.trainer import Trainer
+
+    if cfg.data.train == "arithmetic":
+        problems = arithmetic_problems(cfg.data.num_train, seed=cfg.train.seed, difficulty=cfg.data.difficulty)
+    else:
+        problems = load_problems(cfg.data.train, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field)
+    shell = Trainer.__new__(Trainer)
+    shell.cfg, shell.tokenizer = cfg, tokenizer
+    shell.prompts, shell.answers = shell._render(problems, render_prompt)
+    return shell
+
+
+def step_prompts(cfg, tokenizer, step: int) -> tuple[list[str], list[str]]:
+    """(rendered prompts, answers) of rollout step `step` (1-based, as in
+    flip_step_N), drawn exactly as the trainer draws them (same data, filter and
+    seeded order)."""
+    shell = _prompt_shell(cfg, tokenizer)
+    idx = shell._prompt_indices(step - 1)
+    return [shell.prompts[i] for i in idx], [shell.answers[i] for i in idx]
+
+
+def row_groups(cols: dict[str, list], step: int, prompts_per_step: int, n: int) -> dict[int, int]:
+    """{row: group id} of the flip records. Group ids are global: the trainer
+    gives prompt j of rollout step s (0-based) the id s * prompts_per_step + j.
+    From the records' "group_id" column when present (always right, also for
+    update sets assembled by the reward-balanced buffer); otherwise row r of
+    flip_step_N is taken to be a row of step N's own rollout batch:
+    (N - 1) * prompts_per_step + r // n."""
+    if "group_id" in cols:
+        return {int(r): int(g) for r, g in zip(cols["row"], cols["group_id"])}
+    rows = set(int(r) for r in cols["row"])
+    if rows and max(rows) >= prompts_per_step * n:
+        raise ValueError(f"flip_step_{step} has row {max(rows)} but a rollout step has only {prompts_per_step} x {n} rows; "
+                         "the records need a group_id column")
+    return {r: (step - 1) * prompts_per_step + r // n for r in rows}
+
+
+def group_prompts(cfg, tokenizer, group_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
+    """{group id: (rendered prompt, answer)} (see row_groups for the ids)."""
+    shell = _prompt_shell(cfg, tokenizer)
+    k = cfg.rollout.prompts_per_step
+    out = {}
+    for g in sorted(set(group_ids)):
+        s, j = divmod(int(g), k)
+        i = shell._prompt_indices(s)[j]
+        out[int(g)] = (shell.prompts[i], shell.answers[i])
+    return out
+
+
+def pick_checkpoint(run_dir: Path, step: int) -> tuple[Path | None, bool, str]:
+    """(checkpoint dir or None = the initial model, exact?, description) of the
+    policy before the update of rollout step `step`."""
+    from tokencredit.checkpoint import list_checkpoints
+
+    cks = {int(p.name.split("_")[1]): p for p in list_checkpoints(run_dir / "checkpoints")}
+    if step - 1 in cks:
+        return cks[step - 1], True, f"checkpoints/step_{step - 1} (before the update of step {step})"
+    if step == 1:
+        return None, True, "initial model (before the first update)"
+    before = [s for s in cks if s < step - 1]
+    if before:
+        s = max(before)
+        return cks[s], False, f"checkpoints/step_{s} (step_{step - 1} missing: {step - 1 - s} updates older)"
+    if cks:
+        s = min(cks)
+        return cks[s], False, f"checkpoints/step_{s} (step_{step - 1} missing: {s - step + 1} updates newer)"
+    return None, False, f"initial model (no checkpoint; step_{step - 1} missing)"
+
+
+def _flip_columns(run_dir: Path, step: int) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
+    path = run_dir / "probes" / f"flip_step_{step}.parquet"
+    if not path.is_file():
+        have = sorted(p.name for p in (run_dir / "probes").glob("flip_step_*.parquet")) if (run_dir / "probes").is_dir() else []
+        raise FileNotFoundError(f"{path} not found (train with probes.flip.every=1 probes.flip.save_tokens=true); "
+                                f"available: {', '.join(have) or 'none'}")
+    return pq.read_table(path).to_pydict()
+
+
+def rebuild_rows(cols: dict[str, list]) -> dict[int, list[int]]:
+    """{row: response token ids in position order} from flip records (every
+    sampled token of every row is recorded, positions 0..len-1)."""
+    rows: dict[int, dict[int, int]] = {}
+    for r, t, tok in zip(cols["row"], cols["position"], cols["token_id"]):
+        rows.setdefault(int(r), {})[int(t)] = int(tok)
+    out = {}
+    for r, d in rows.items():
+        if sorted(d) != list(range(len(d))):
+            raise ValueError(f"flip records of row {r} do not cover positions 0..{len(d) - 1}")
+        out[r] = [d[t] for t in range(len(d))]
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Fig. 11: repeated updates on the fixed batch
+# ----------------------------------------------------------------------------
+
+
+def repeated_update_deltas(model, batch, updates: int, *, lr: float, temperature: float = 1.0, clip_low: float = 0.2,
+                           clip_high: float = 0.28, agg: str = "token-mean", grad_clip: float = 1.0,
+                           betas=(0.9, 0.999), weight_decay: float = 0.0) -> list[torch.Tensor]:
+    """Apply `updates` AdamW steps of the clipped surrogate on the whole fixed
+    `batch` (RolloutBatch with advantage) to `model` (in place; pass a copy) and
+    return the cumulative Δ log p after each: a list of U tensors (B, T),
+    l_u - l_0, 0 on padding. Ratios are against l_0 (multi-epoch PPO)."""
+    from tokencredit.algo.losses import policy_loss
+    from tokencredit.model import forward_tokens
+
+    with torch.no_grad():
+        l0 = forward_tokens(model, batch, temperature=temperature, with_entropy=False)["logprob"].detach()  # (B, T)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    dev = l0.device
+    adv, mask = batch.advantage.to(dev), batch.response_mask.to(dev)
+    out = []
+    for _ in range(updates):
+        opt.zero_grad(set_to_none=True)
+        lp = forward_tokens(model, batch, temperature=temperature, with_entropy=False)["logprob"]
+        loss, _ = policy_loss(lp, l0, adv, mask, clip_low=clip_low, clip_high=clip_high, agg=agg)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        with torch.no_grad():
+            lu = forward_tokens(model, batch, temperature=temperature, with_entropy=False)["logprob"]
+        out.append((lu - l0).cpu())
+    return out
+
+
+def _rows_batch(prompt_ids: dict[int, list[int]], responses: dict[int, list[int]], advantage: dict[int, float], pad_id: int, n: int):
+    """RolloutBatch of the given rows (ordered by row id); prompts left-padded."""
+    from tokencredit.batch import RolloutBatch
+
+    rows = sorted(responses)
+    P = max(len(prompt_ids[r]) for r in rows)
+    T = max(len(responses[r]) for r in rows)
+    pi = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    pm = torch.zeros((len(rows), P), dtype=torch.long)
+    ri = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    rm = torch.zeros((len(rows), T), dtype=torch.float32)
+    for b, r in enumerate(rows):
+        p, o = prompt_ids[r], responses[r]
+        pi[b, P - len(p):], pm[b, P - len(p):] = torch.tensor(p), 1
+        ri[b, : len(o)], rm[b, : len(o)] = torch.tensor(o), 1.0
+    return RolloutBatch(prompt_ids=pi, prompt_mask=pm, response_ids=ri, response_mask=rm,
+                        group_id=torch.tensor([r // n for r in rows]), pad_id=int(pad_id),
+                        advantage=torch.tensor([float(advantage[r]) for r in rows])), rows
+
+
+# ----------------------------------------------------------------------------
+# the probe on a run directory (incremental, resumable)
+# ----------------------------------------------------------------------------
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def read_done(path: Path) -> list[dict]:
+    """Records already written; a torn last line (killed mid-write) is dropped
+    from the file so appending continues cleanly."""
+    if not path.is_file():
+        return []
+    good, lines, torn = [], path.read_text().splitlines(), False
+    for ln in lines:
+        if not ln.strip():
+            continue
+        try:
+            good.append(json.loads(ln))
+        except json.JSONDecodeError:
+            torn = True
+    if torn:
+        path.write_text("".join(json.dumps(r) + "\n" for r in good))
+    return good
+
+
+def run_value_probe(
+    run_dir: str | Path,
+    step: int,
+    *,
+    n_tokens: int = 32,
+    M: int = 8,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    repeat: int = 0,
+    max_new_tokens: int | None = None,
+    mode: str = "shared",
+    device: str | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Value the tokens of probes/flip_step_{step}.parquet and append one JSON
+    line per token to probes/value_step_{step}.jsonl (or `out`); tokens already
+    in that file are skipped (resume). Returns {"path", "written", "skipped",
+    "checkpoint", "gap": split_gap of all records in the file, "by_sign"}.
+
+    Each line: step, row, position, token_id, token_text, kind, sign, advantage,
+    delta, entropy, old_prob (flip record), p (recomputed), avg0, avg1, value
+    (Eq. 20; null when 1 - p ~ 0), M, rewards0, rewards1, len0, len1, time_s,
+    seed, checkpoint, checkpoint_exact, and delta_repeat (list of U) with --repeat.
+    """
+    import copy
+
+    from tokencredit.config import load_config
+    from tokencredit.model import load_model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml", [])
+    cols = _flip_columns(run_dir, step)
+    out = Path(out) if out is not None else run_dir / "probes" / f"value_step_{step}.jsonl"
+    done = read_done(out)
+    for r in done:
+        if r.get("M") != M or r.get("seed") != seed:
+            raise ValueError(f"{out} was written with M={r.get('M')} seed={r.get('seed')}; "
+                             f"rerun with those, or pass --out for a new file")
+    done_keys = {(r["row"], r["position"]) for r in done}
+
+    picks = select_tokens(cols["delta"], cols["advantage"], n_tokens, eps=cfg.probes.flip.eps, seed=seed)
+    todo = [(i, kind, sign) for i, kind, sign in picks if (int(cols["row"][i]), int(cols["position"][i])) not in done_keys]
+    result: dict[str, Any] = {"path": out, "written": 0, "skipped": len(picks) - len(todo), "selected": len(picks)}
+    if not picks:
+        raise ValueError(f"flip_step_{step}: no row with A != 0 has both boosted and suppressed tokens (all rewards equal?)")
+
+    if cfg.batching.reward_balance.tau is not None and not ({"prompt_index"} <= set(cols) or {"prompt", "answer"} <= set(cols)):
+        raise ValueError("value probe: this run uses the reward-balanced buffer (batching.reward_balance.tau), so flip rows "
+                         "can come from earlier rollout steps (and the buffer renumbers group ids); mapping them to prompts "
+                         "needs the prompt_index column the trainer writes (or prompt and answer columns)")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = device or (auto if cfg.model.device == "auto" else cfg.model.device)
+    ck, exact, desc = (Path(checkpoint), True, f"{checkpoint} (given)") if checkpoint else pick_checkpoint(run_dir, step)
+    result["checkpoint"] = desc
+    if not exact:
+        log.warning("value probe: using %s; values are not those of the policy that sampled step %d", desc, step)
+
+    if todo:
+        model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, device=dev)
+        if ck is not None:
+            from tokencredit.checkpoint import load_checkpoint
+
+            load_checkpoint(ck, model)
+        model.eval()
+        responses = rebuild_rows(cols)
+        row_adv = {int(r): float(a) for r, a in zip(cols["row"], cols["advantage"])}
+        if "prompt" in cols and "answer" in cols:
+            prompt_text = {int(r): p for r, p in zip(cols["row"], cols["prompt"])}
+            answer = {int(r): a for r, a in zip(cols["row"], cols["answer"])}
+        elif "prompt_index" in cols:  # written by the trainer: exact, also under the reward-balanced buffer
+            shell = _prompt_shell(cfg, tok)
+            pidx = {int(r): int(i) for r, i in zip(cols["row"], cols["prompt_index"])}
+            prompt_text = {r: shell.prompts[i] for r, i in pidx.items()}
+            answer = {r: shell.answers[i] for r, i in pidx.items()}
+        else:
+            groups = row_groups(cols, step, cfg.rollout.prompts_per_step, cfg.rollout.n)
+            pa = group_prompts(cfg, tok, groups.values())
+            prompt_text = {r: pa[g][0] for r, g in groups.items()}
+            answer = {r: pa[g][1] for r, g in groups.items()}
+        prompt_ids = {r: tok(prompt_text[r], add_special_tokens=False)["input_ids"] for r in responses}
+        temp = cfg.rollout.temperature
+        train_temp = temp if temp > 0 else 1.0
+
+        delta_repeat: dict[tuple[int, int], list[float]] = {}
+        if repeat:
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            batch, order = _rows_batch(prompt_ids, responses, row_adv, pad, cfg.rollout.n)
+            a = cfg.algo
+            deltas = repeated_update_deltas(copy.deepcopy(model).to(dev).train(False), batch.to(dev), repeat, lr=cfg.train.lr,
+                                            temperature=train_temp, clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg,
+                                            grad_clip=cfg.train.grad_clip, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
+            for i, _, _ in todo:
+                r, t = int(cols["row"][i]), int(cols["position"][i])
+                delta_repeat[(r, t)] = [float(d[order.index(r), t]) for d in deltas]
+            if done and any("delta_repeat" not in d for d in done):
+                log.warning("value probe: %s has records without delta_repeat (written without --repeat)", out)
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(out, "a")
+
+        def write(k: int, res: dict) -> None:
+            i, kind, sign = todo[k]
+            r, t = int(cols["row"][i]), int(cols["position"][i])
+            rec = {
+                "step": step, "row": r, "position": t, "token_id": int(cols["token_id"][i]),
+                "token_text": tok.decode([int(cols["token_id"][i])], skip_special_tokens=False),
+                "kind": kind, "sign": sign, "advantage": float(cols["advantage"][i]), "delta": float(cols["delta"][i]),
+                "entropy": float(cols["entropy"][i]) if "entropy" in cols else None,
+                "old_prob": float(cols["old_prob"][i]) if "old_prob" in cols else None,
+                **res, "seed": seed, "checkpoint": desc, "checkpoint_exact": exact,
+            }
+            if (r, t) in delta_repeat:
+                rec["delta_repeat"] = delta_repeat[(r, t)]
+            fh.write(json.dumps({k2: _json_safe(v) for k2, v in rec.items()}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            result["written"] += 1
+
+        verifier = None
+        try:
+            if todo:
+                from tokencredit.rewards import MathVerifier
+
+                verifier = MathVerifier(timeout_s=1)
+                budget = max_new_tokens or cfg.rollout.max_new_tokens
+                token_values(
+                    model, tok,
+                    [prompt_ids[int(cols["row"][i])] for i, _, _ in todo],
+                    [responses[int(cols["row"][i])] for i, _, _ in todo],
+                    [int(cols["position"][i]) for i, _, _ in todo],
+                    [answer[int(cols["row"][i])] for i, _, _ in todo],
+                    M, verifier, budget, temperature=temp, top_p=cfg.rollout.top_p, seed=seed,
+                    rows=[int(cols["row"][i]) for i, _, _ in todo], mode=mode, progress=progress, on_result=write,
+                )
+        finally:
+            fh.close()
+            if verifier is not None:
+                verifier.close()
+
+    recs = read_done(out)
+    result["gap"] = split_gap(recs)
+    result["by_sign"] = {s: split_gap([r for r in recs if r.get("sign") == s]) for s in ("pos", "neg")}
+    result["entropy_topk"] = entropy_topk_gaps([r for r in recs if r.get("entropy") is not None], ks=(20, 40, 60, 80, 100))
+    result["repeat"] = repeat_gaps(recs)
+    ps = [(r["p"], r["old_prob"]) for r in recs if r.get("old_prob") is not None and r.get("p") is not None and r.get("checkpoint_exact")]
+    if ps and cfg.rollout.temperature > 0 and cfg.rollout.top_p >= 1.0:  # else p is of another distribution than old_prob
+        err = float(np.median([abs(a - b) for a, b in ps]))
+        result["p_vs_old_prob_median_abs"] = err
+        if err > 1e-3:
+            log.warning("value probe: recomputed p differs from the flip record's old_prob (median |diff| %.2g): "
+                        "wrong checkpoint or prompt mapping?", err)
+    return result
+
+
+# ----------------------------------------------------------------------------
+# CLI: tokencredit value RUN_DIR --step N
+# ----------------------------------------------------------------------------
+
+
+def cmd_value(args) -> int:
+    try:
+        res = run_value_probe(
+            args.run_dir, args.step, n_tokens=args.tokens, M=args.M, seed=args.seed, checkpoint=args.checkpoint,
+            repeat=args.repeat, max_new_tokens=args.max_new_tokens, mode=args.mode, device=args.device, out=args.out,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print("tokencredit value: interrupted; every finished token is saved. Run the same command again to resume.", file=sys.stderr)
+        return 130
+    except ValueError as e:  # bad step / flags / run layout: one line, no traceback
+        print(f"tokencredit value: error: {e}", file=sys.stderr)
+        return 2
+    g = res["gap"]
+    print(f"{res['path']}: {res['written']} tokens valued now, {res['skipped']} already there (model: {res['checkpoint']})")
+    print(f"value gap (boosted - suppressed) = {g['gap']:.4f}  95% CI [{g['lo']:.4f}, {g['hi']:.4f}]  "
+          f"(n = {g['n_boosted']} + {g['n_suppressed']})")
+    for s, label in (("pos", "A > 0 rows"), ("neg", "A < 0 rows")):
+        b = res["by_sign"][s]
+        print(f"  {label}: gap {b['gap']:.4f} [{b['lo']:.4f}, {b['hi']:.4f}]  mean boosted {b['mean_boosted']:.4f}, "
+              f"mean suppressed {b['mean_suppressed']:.4f}")
+    if res["entropy_topk"]:
+        print("  gap on the top-k% highest-entropy tokens (Fig. 5b): "
+              + ", ".join(f"k={r['k']:.0f}%: {r['gap']:.4f}" for r in res["entropy_topk"]))
+    if res["repeat"]:
+        print("  gap after u repeated updates (Fig. 11): " + ", ".join(f"u={r['update']}: {r['gap']:.4f}" for r in res["repeat"]))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "value",
+        help="Monte Carlo token value (Eq. 20) of boosted vs suppressed tokens of one update",
+        description="Estimate the counterfactual value (avg0 - avg1) / (1 - p) of equal numbers of boosted and suppressed "
+        "tokens of rollout step N (from probes/flip_step_N.parquet) and write probes/value_step_N.jsonl, one line per token. "
+        "Interrupt at any time; the same command resumes.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--step", type=int, required=True, help="rollout step N (needs probes/flip_step_N.parquet)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens to value: tokens/4 per (boosted|suppressed) x (A>0|A<0)")
+    p.add_argument("--M", type=int, default=8, help="continuations per branch (paper: 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=0, metavar="U", help="also record Δ log p after 1..U repeated updates on the batch (Fig. 11)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint dir to load instead of checkpoints/step_{N-1}")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="response budget (default: the run's rollout.max_new_tokens)")
+    p.add_argument("--mode", choices=MODES, default="shared", help="continuation batching (shared = prefix KV cache shared)")
+    p.add_argument("--device", default=None, help="default: the run's model.device")
+    p.add_argument("--out", default=None, help="output JSONL (default RUN_DIR/probes/value_step_N.jsonl)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_value)
+
+
+if __name__ == "__main__":  # python -m tokencredit.probes.value RUN_DIR --step N ... (same as `tokencredit value`)
+    import argparse
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _ap = argparse.ArgumentParser(prog="python -m tokencredit.probes.value")
+    add_cli(_ap.add_subparsers(dest="command", required=True))
+    _args = _ap.parse_args(["value", *sys.argv[1:]])
+    sys.exit(_args.func(_args))
