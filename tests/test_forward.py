@@ -245,3 +245,33 @@ def test_bfloat16_model_runs_and_is_float32(batch):
     assert out["logprob"].dtype == torch.float32 and out["hidden"].dtype == torch.float32
     (out["logprob"] * batch.response_mask).sum().backward()
     assert model.lm_head.weight.grad is not None and torch.isfinite(model.lm_head.weight.grad.float()).all()
+
+
+def test_shared_prompt_path_matches_naive_values_and_gradients(tiny):
+    """Groups repeat one prompt: the decoder runs each distinct prompt once into a
+    KV cache shared by its rows (forward._shared_prompt_body). Values and
+    gradients must equal the plain full-logits computation."""
+    from tokencredit.model import forward as fwd
+
+    model, tok = tiny
+    prompts = ["2+3=", "2+3=", "2+3=", "hi", "hi", "hi"]
+    responses = ["5<|im_end|>", "6", "five!", "hello there!", "yo", "h"]
+    b = make_batch(tok, prompts, responses)
+    calls = []
+    orig = fwd._shared_prompt_body
+    fwd._shared_prompt_body = lambda *a: calls.append(1) or orig(*a)
+    try:
+        out = forward_tokens(model, b, temperature=0.7, chunk_tokens=5)
+    finally:
+        fwd._shared_prompt_body = orig
+    assert calls, "the shared-prompt path was not taken"
+    ref = naive_token_logprobs(model, b, 0.7)
+    torch.testing.assert_close(out["logprob"], ref["logprob"] * b.response_mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["entropy"], ref["entropy"] * b.response_mask, atol=1e-5, rtol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.autograd.grad((out["logprob"] * b.response_mask).sum(), params, allow_unused=True)
+    g_ref = torch.autograd.grad((ref["logprob"] * b.response_mask).sum(), params, allow_unused=True)
+    for (name, _), a, r in zip(model.named_parameters(), g, g_ref):
+        if r is None:
+            continue
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4, msg=name)

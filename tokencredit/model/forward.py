@@ -180,13 +180,15 @@ def _body(model, batch: RolloutBatch, with_hidden: bool):
                 captured.append(output[0] if isinstance(output, tuple) else output)
 
         handle = target.register_forward_hook(_grab)
+    h_final = None if with_hidden else _shared_prompt_body(dec, batch, inputs)
     try:
-        h_final = dec(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            position_ids=inputs["position_ids"],
-            use_cache=False,
-        ).last_hidden_state  # [B, L, H]
+        if h_final is None:
+            h_final = dec(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                position_ids=inputs["position_ids"],
+                use_cache=False,
+            ).last_hidden_state  # [B, L, H]
     finally:
         if handle is not None:
             handle.remove()
@@ -196,6 +198,42 @@ def _body(model, batch: RolloutBatch, with_hidden: bool):
     b_idx, t_idx = mask.nonzero(as_tuple=True)  # [N], [N]
     pos = t_idx + (P - 1)  # [N]
     return h_final, (captured[0] if with_hidden else None), (b_idx, t_idx, pos)
+
+
+def _shared_prompt_body(dec, batch: RolloutBatch, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """`[B, L, H]` final hidden states computed with each distinct prompt run once, or None when
+    fewer than half the rows share a prompt.
+
+    The G rows of a group repeat one prompt, and prompts are usually longer than responses, so
+    most of a full `[B, L]` pass recomputes identical prompt states. Here the decoder runs the U
+    distinct prompts `[U, P]` into a KV cache, the cache is copied to the B rows (`index_select`,
+    differentiable: gradients of the G copies add up in the shared prompt states), and the
+    responses `[B, T]` attend to it. Same values as the full pass up to float rounding; decoder
+    FLOPs drop from B*L to U*P + B*T tokens.
+    """
+    from transformers import DynamicCache
+
+    if getattr(dec, "gradient_checkpointing", False) and dec.training:
+        return None  # HF turns the KV cache off under activation checkpointing: no cache to share
+    P = batch.prompt_ids.shape[1]
+    ids, attn, pos = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]  # [B, L] each
+    key = torch.cat([ids[:, :P], attn[:, :P]], dim=1)  # [B, 2P]: a prompt and its padding
+    uniq, inv = torch.unique(key, dim=0, return_inverse=True)  # [U, 2P], [B]
+    if 2 * uniq.shape[0] > key.shape[0]:
+        return None
+    u_mask = uniq[:, P:]  # [U, P]
+    cache = DynamicCache(config=dec.config)
+    h_prompt = dec(
+        input_ids=uniq[:, :P], attention_mask=u_mask, position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache, use_cache=True,
+    ).last_hidden_state  # [U, P, H]
+    if cache.get_seq_length() != P:  # the model declined to fill the cache: use the plain pass
+        return None
+    cache.batch_select_indices(inv)  # every layer's K, V: [U, heads, P, d] -> [B, heads, P, d]
+    h_resp = dec(
+        input_ids=ids[:, P:], attention_mask=attn, position_ids=pos[:, P:], past_key_values=cache, use_cache=True,
+    ).last_hidden_state  # [B, T, H]
+    return torch.cat([h_prompt.index_select(0, inv), h_resp], dim=1)  # [B, L, H]
 
 
 def _logit_transform(model) -> tuple[float, float | None]:

@@ -202,6 +202,8 @@ def _drop_quantizer(model) -> None:
     """
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):  # else HF's Trainer (and TRL) refuse to fine-tune it
+        model.is_quantized = False
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")

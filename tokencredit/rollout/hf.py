@@ -40,6 +40,31 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: list[int]) -> tu
 
 
 @torch.no_grad()
+def _shared_prompt_cache(model, ids: torch.Tensor, am: torch.Tensor):
+    """KV cache of every prompt but its last token, computed once per distinct prompt and copied to
+    its rows; None when fewer than half the rows share a prompt. `generate` then prefills only the
+    last prompt token: the n rows of a group no longer recompute one prompt n times.
+
+    ids, am: [R, P] left-padded prompt rows of one generate call.
+    """
+    from transformers import DynamicCache
+
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if dec is None or dec is model or ids.shape[1] < 2:
+        return None
+    uniq, inv = torch.unique(torch.cat([ids, am], dim=1), dim=0, return_inverse=True)  # [U, 2P], [R]
+    if 2 * uniq.shape[0] > ids.shape[0]:
+        return None
+    P = ids.shape[1]
+    u_ids, u_mask = uniq[:, : P - 1], uniq[:, P : 2 * P - 1]  # [U, P-1]
+    cache = DynamicCache(config=model.config)
+    dec(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache, use_cache=True)
+    cache.batch_select_indices(inv)  # [U, ...] -> [R, ...]
+    return cache
+
+
+@torch.no_grad()
 def generate_hf(
     model,
     tokenizer,
@@ -81,7 +106,9 @@ def generate_hf(
     for s in range(0, B, gen_batch_size):
         ids = prompt_ids[s : s + gen_batch_size].to(device)
         am = prompt_mask[s : s + gen_batch_size].to(device)
-        out = model.generate(input_ids=ids, attention_mask=am, **gen_kwargs)
+        cache = _shared_prompt_cache(model, ids, am)
+        extra = {"past_key_values": cache} if cache is not None else {}
+        out = model.generate(input_ids=ids, attention_mask=am, **gen_kwargs, **extra)
         chunks.append(out[:, ids.shape[1] :].cpu())
     if was_training:
         model.train()
