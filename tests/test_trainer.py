@@ -56,10 +56,11 @@ def test_resume_reaches_the_same_weights(digits_file, tmp_path, arm):
         assert any(r.get("rb_size", 0) > 0 for r in ra[:2])
 
 
-def test_micro_batch_size_does_not_change_the_update(digits_file, tmp_path):
+def test_micro_batch_size_and_checkpointing_do_not_change_the_update(digits_file, tmp_path):
     states = []
-    for mbs in (2, 16):
-        cfg = load_config(None, tiny_overrides(digits_file, tmp_path, **{"train.steps": 1, "train.micro_batch_size": mbs, "output.run_name": f"m{mbs}"}))
+    for mbs, gc in ((2, False), (16, True)):
+        cfg = load_config(None, tiny_overrides(digits_file, tmp_path, **{"train.steps": 1, "train.micro_batch_size": mbs, "output.run_name": f"m{mbs}",
+                                                                         "model.gradient_checkpointing": gc}))
         tr = Trainer(cfg)
         tr.train()
         states.append(tr.model.state_dict())

@@ -32,7 +32,8 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype. float32 on CPU; bfloat16 on recent GPUs.")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     chunk_tokens: int = Field(1024, gt=0, description="Rows of the flattened [N, H] hidden states sent through the LM head at once; bounds the [chunk, V] float32 logits held in memory (forward and backward).")
-    gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward (less memory, ~30% slower).")
+    gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward (less memory, ~30% slower). The model is put in train mode for the gradient forward (HF checkpoints only in train mode), so a model with nonzero dropout then uses it.")
+    threads: Optional[int] = Field(None, gt=0, description="torch CPU threads (None = torch's default, one per core). On a shared, busy machine 1 can be several times faster than oversubscribing.")
 
 
 class DataConfig(_Section):
@@ -125,7 +126,9 @@ class EvalConfig(_Section):
     data: str = Field("arithmetic", description="'arithmetic' (held-out seed) or a .jsonl/.parquet file.")
     num_problems: int = Field(32, ge=0, description="Problems per evaluation (0 = no evaluation).")
     n: int = Field(1, gt=0, description="Samples per problem.")
-    temperature: float = Field(0.0, ge=0.0, description="Evaluation temperature (0 = greedy).")
+    k: Optional[int] = Field(None, gt=0, description="k of avg@k / pass@k (None = n); must be <= n.")
+    temperature: float = Field(0.0, ge=0.0, description="Evaluation temperature (0 = greedy; paper: 0.6 with top_p 0.95).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Evaluation nucleus threshold (paper: 0.95).")
     max_new_tokens: int = Field(32, gt=0, description="Evaluation response length.")
 
 
@@ -159,6 +162,8 @@ class Config(_Section):
 
         if self.token_weights.method not in TOKEN_WEIGHT_METHODS:
             raise ValueError(f"token_weights.method {self.token_weights.method!r} is unknown; valid: {', '.join(TOKEN_WEIGHT_METHODS.names())}")
+        if self.eval.k is not None and self.eval.k > self.eval.n:
+            raise ValueError(f"eval.k ({self.eval.k}) must be <= eval.n ({self.eval.n})")
         lo, hi = self.token_weights.band
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"token_weights.band must satisfy 0 <= lo < hi <= 1 (got {self.token_weights.band})")

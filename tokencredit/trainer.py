@@ -50,9 +50,11 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class EvalResult:
-    accuracy: float
+    accuracy: float  # avg@k
     mean_len: float
     n: int
+    pass_at_k: float = float("nan")
+    k: int = 1
 
 
 class Trainer:
@@ -62,6 +64,8 @@ class Trainer:
         from tokencredit.rewards import MathVerifier
 
         self.cfg = cfg
+        if cfg.model.threads:
+            torch.set_num_threads(cfg.model.threads)
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         self.device = resolve_device(cfg.model.device)
@@ -70,7 +74,7 @@ class Trainer:
         self.model, self.tokenizer = model.to(self.device), tokenizer
         self.model.eval()
         if cfg.model.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
@@ -245,13 +249,7 @@ class Trainer:
         tw_cfg = cfg.token_weights
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.policy_version)
         t0 = time.perf_counter()
-        need_hidden = tw_cfg.method == "resrl"
-        cur = self._forward_rows(batch, with_entropy=True, with_hidden=need_hidden)
-        batch.entropy = cur["entropy"]
-        batch.hidden = cur.get("hidden")
-        if batch.old_logprob is None:
-            batch.old_logprob = cur["logprob"]
-        l_before = cur["logprob"]
+        l_before = self._pre_update_forward(batch, need_hidden=tw_cfg.method == "resrl")
         if self.ref_model is not None:
             self._ref_logprob = self._ref_forward(batch)
         t_fwd = time.perf_counter() - t0
@@ -293,8 +291,10 @@ class Trainer:
                 # one normaliser for the whole mini-batch (gradient-accumulation invariant)
                 denom = sum(denominator(loss_mask(u.response_mask, u.token_weight, count_zero), cfg.algo.loss_agg) for u in micros)
                 self.optimizer.zero_grad(set_to_none=True)
+                self.model.train(cfg.model.gradient_checkpointing)  # HF checkpoints activations only in train mode
                 for u in micros:
                     _acc(stats, self._micro_step(u, denom, count_zero))
+                self.model.eval()
                 gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
                 _acc(stats, {"grad_norm": float(gnorm)})
                 self.optimizer.step()
@@ -325,6 +325,35 @@ class Trainer:
                 self._save_flip_records(delta, batch, l_before)
             out["time_flip_probe_s"] = time.perf_counter() - t
         return out
+
+    def _pre_update_forward(self, batch: RolloutBatch, need_hidden: bool) -> torch.Tensor:
+        """Fill batch.old_logprob / entropy / hidden for the update and return the
+        current policy's log-probs l_before [B, T] (the flip probe's reference).
+
+        Rows sampled by the current policy that already carry log-probs and
+        entropies from rollout time (the reward-balanced buffer computes them)
+        are not forwarded again; stale rows keep their sampling-time old_logprob
+        for the importance ratio but get current log-probs and entropies.
+        """
+        B, T = batch.response_ids.shape
+        if need_hidden or batch.old_logprob is None or batch.entropy is None or batch.policy_version is None:
+            redo = list(range(B))
+        else:
+            redo = (batch.policy_version != self.policy_version).nonzero().flatten().tolist()
+        l_before = batch.old_logprob.clone() if batch.old_logprob is not None else torch.zeros(B, T)
+        if not redo:
+            return l_before
+        cur = self._forward_rows(batch.select(redo), with_entropy=True, with_hidden=need_hidden)
+        t = cur["logprob"].shape[1]
+        entropy = batch.entropy.clone() if batch.entropy is not None else torch.zeros(B, T)
+        l_before[redo, :t], entropy[redo, :t] = cur["logprob"], cur["entropy"]
+        batch.entropy = entropy
+        if need_hidden:
+            batch.hidden = torch.zeros(B, T, cur["hidden"].shape[-1])
+            batch.hidden[redo, :t] = cur["hidden"]
+        if batch.old_logprob is None:
+            batch.old_logprob = l_before.clone()
+        return l_before
 
     def _micro_step(self, u: RolloutBatch, denom: float, count_zero: bool) -> dict[str, float]:
         from tokencredit.model import forward_tokens
@@ -368,15 +397,19 @@ class Trainer:
     # ---------------------------------------------------------------- eval
     def evaluate(self) -> EvalResult:
         """Held-out accuracy; RNG-isolated so it never changes the training trajectory."""
+        from tokencredit.evaluate import evaluate_prompts
+
         ev = self.cfg.eval
         if not self.eval_prompts:
             return EvalResult(float("nan"), 0.0, 0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.train.seed + 1)
-            b = generate_hf(self.model, self.tokenizer, self.eval_prompts, n=ev.n, temperature=ev.temperature, top_p=1.0,
-                            max_new_tokens=ev.max_new_tokens, gen_batch_size=self.cfg.rollout.gen_batch_size, answers=self.eval_answers)
-        r = self.verifier(b.response_text, b.answer)
-        return EvalResult(sum(r) / len(r), b.num_tokens / len(b), len(r))
+        k = ev.k or ev.n
+        _, s = evaluate_prompts(
+            self.model, self.tokenizer, self.eval_prompts, self.eval_answers, n=ev.n, k=k,
+            temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
+            gen_batch_size=self.cfg.rollout.gen_batch_size, progress=False, seed=self.cfg.train.seed + 1,
+            verifier=self.verifier, name="eval",
+        )
+        return EvalResult(s[f"avg@{k}"], s["response_len_mean"], s["num_problems"] * ev.n, s[f"pass@{k}"], k)
 
     # ---------------------------------------------------------------- loop
     def train(self) -> dict[str, float]:
@@ -385,7 +418,7 @@ class Trainer:
         if self.rollout_step == 0 and self.eval_prompts:
             e = self.evaluate()
             self.eval_history.append((0, e.accuracy))
-            self._log({"step": 0, "eval_accuracy": e.accuracy, "eval_len_mean": e.mean_len})
+            self._log({"step": 0, **_eval_row(e)})
         bar = tqdm(total=total, initial=self.rollout_step, desc="train", disable=not cfg.output.progress, dynamic_ncols=True)
         t_start = time.perf_counter()
         tokens_at_start = self.tokens_generated
@@ -398,7 +431,8 @@ class Trainer:
             self.last_reward = m["reward_mean"]
             update_set = batch
             if self.buffer is not None:
-                batch.old_logprob = self._forward_rows(batch, with_entropy=False)["logprob"]
+                cur = self._forward_rows(batch, with_entropy=True)  # sampling-time policy, kept for the ratio
+                batch.old_logprob, batch.entropy = cur["logprob"], cur["entropy"]
                 self.buffer.add(batch, self.policy_version)
                 update_set, bst = self.buffer.pop_update_set(self.policy_version)
                 m.update(bst)
@@ -414,7 +448,7 @@ class Trainer:
             if cfg.eval.every > 0 and self.rollout_step % cfg.eval.every == 0 and self.rollout_step < total:
                 e = self.evaluate()
                 self.eval_history.append((self.rollout_step, e.accuracy))
-                m["eval_accuracy"] = e.accuracy
+                m.update(_eval_row(e))
             m["step"] = self.rollout_step
             m["policy_version"] = self.policy_version
             self._log(m)
@@ -434,7 +468,7 @@ class Trainer:
         if self.eval_prompts:
             e = self.evaluate()
             self.eval_history.append((self.rollout_step, e.accuracy))
-            self._log({"step": self.rollout_step, "eval_accuracy": e.accuracy, "eval_len_mean": e.mean_len, "final": True})
+            self._log({"step": self.rollout_step, **_eval_row(e), "final": True})
             summary["eval_accuracy_start"] = self.eval_history[0][1]
             summary["eval_accuracy_end"] = e.accuracy
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -492,6 +526,11 @@ class Trainer:
                     and not json.loads(ln).get("final")]
             mpath.write_text("".join(k + "\n" for k in keep))
         log.info("resumed from %s (rollout step %d)", ck, self.rollout_step)
+
+
+def _eval_row(e: EvalResult) -> dict[str, float]:
+    """Metrics of one evaluation: eval_accuracy is avg@k (= accuracy for k = 1)."""
+    return {"eval_accuracy": e.accuracy, "eval_pass_at_k": e.pass_at_k, "eval_k": e.k, "eval_len_mean": e.mean_len}
 
 
 def _acc(stats: dict[str, list[float]], new: dict[str, float]) -> None:
