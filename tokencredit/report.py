@@ -30,7 +30,7 @@ Input formats defined here
     * categories: a JSON object {"grpo": {"math": m, "format": f,
       "reasoning": r}, "positive_only": {...}} of boosted-mass shares, as
       written by `tokencredit.probes.categories.write_category_json`.
-    * value: the JSON lines of `tokencredit value` (see
+    * value: the JSON lines of `tokencredit probe value` (see
       tokencredit/probes/value.py): per token at least kind ("boosted" |
       "suppressed"), sign ("pos" | "neg"), value; optionally entropy and
       delta_repeat (list).
@@ -343,7 +343,7 @@ def fig_value_repeat(records: list[dict], name: str):
 
     rows = repeat_gaps(records)
     if not rows:
-        return f"{name}: no delta_repeat (run `tokencredit value ... --repeat U`)"
+        return f"{name}: no delta_repeat (run `tokencredit probe value ... --repeat U`)"
     fig, (ax,) = _figure(1, width=6)
     us = [r["update"] for r in rows]
     ax.plot(us, [r["gap"] for r in rows], "o-", color="tab:brown")
@@ -388,7 +388,7 @@ def _plan(run_dir: Path, metrics: list[dict]) -> list[tuple[str, str, Callable[[
                      lambda f=f: fig_categories(json.loads(f.read_text()), f.name)))
     vfiles = sorted(probes.glob("value*.jsonl"), key=_step_key) if probes.is_dir() else []
     if not vfiles:
-        plan.append(("value_gap", "Token value (Fig. 5, Fig. 11)", lambda: "no probes/value*.jsonl (run `tokencredit value RUN_DIR --step N`)"))
+        plan.append(("value_gap", "Token value (Fig. 5, Fig. 11)", lambda: "no probes/value*.jsonl (run `tokencredit probe value RUN_DIR --step N`)"))
     for f in vfiles:
         tag = f.stem.removeprefix("value").strip("_") or "all"
         recs = _lazy(lambda f=f: read_jsonl(f))

@@ -9,7 +9,7 @@ What it does
 
     i.e. Q(s_t, o_t) - Q_{-o_t}(s_t): how much better taking o_t is than
     sampling an alternative token. Rewards come from the task's verifier on
-    the whole response (o_<t, o_t, continuation). `tokencredit value RUN_DIR
+    the whole response (o_<t, o_t, continuation). `tokencredit probe value RUN_DIR
     --step N` samples equal numbers of boosted and suppressed tokens (Δ log p
     of the update of rollout step N, from probes/flip_step_N.parquet), half
     from rows with A > 0 and half from rows with A < 0, estimates their values
@@ -55,8 +55,8 @@ Simplifications
       old_prob; a mismatch flags a wrong checkpoint or prompt.
 
 Try it
-    tokencredit value runs/my-run --step 3 --tokens 32 --M 8     # -> runs/my-run/probes/value_step_3.jsonl
-    tokencredit value runs/my-run --step 3 --tokens 32 --M 8 --repeat 4
+    tokencredit probe value runs/my-run --step 3 --tokens 32 --M 8     # -> runs/my-run/probes/value_step_3.jsonl
+    tokencredit probe value runs/my-run --step 3 --tokens 32 --M 8 --repeat 4
     tokencredit report runs/my-run                                # draws Fig. 5a/5b/11 from it
     python bench/value_cache_bench.py                             # shared-prefix speed-up
 """
@@ -767,7 +767,7 @@ def run_value_probe(
 
 
 # ----------------------------------------------------------------------------
-# CLI: tokencredit value RUN_DIR --step N
+# CLI: tokencredit probe value RUN_DIR --step N
 # ----------------------------------------------------------------------------
 
 
@@ -779,10 +779,10 @@ def cmd_value(args) -> int:
             progress=not args.no_progress,
         )
     except KeyboardInterrupt:
-        print("tokencredit value: interrupted; every finished token is saved. Run the same command again to resume.", file=sys.stderr)
+        print("tokencredit probe value: interrupted; every finished token is saved. Run the same command again to resume.", file=sys.stderr)
         return 130
     except ValueError as e:  # bad step / flags / run layout: one line, no traceback
-        print(f"tokencredit value: error: {e}", file=sys.stderr)
+        print(f"tokencredit probe value: error: {e}", file=sys.stderr)
         return 2
     g = res["gap"]
     print(f"{res['path']}: {res['written']} tokens valued now, {res['skipped']} already there (model: {res['checkpoint']})")
@@ -823,7 +823,7 @@ def add_cli(subparsers) -> None:
     p.set_defaults(func=cmd_value)
 
 
-if __name__ == "__main__":  # python -m tokencredit.probes.value RUN_DIR --step N ... (same as `tokencredit value`)
+if __name__ == "__main__":  # python -m tokencredit.probes.value RUN_DIR --step N ... (same as `tokencredit probe value`)
     import argparse
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

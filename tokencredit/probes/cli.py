@@ -1,0 +1,476 @@
+"""`tokencredit probe polarity|masking|coupling`: probes of one update on one batch.
+
+What it does
+    polarity  Alg. 2 / Fig. 1(d): the GRPO update and the positive-only update
+              (A+ = A * 1[A > 0]) from the same state, Delta log p of both on the
+              full batch (tokencredit/probes/polarity.py). Also writes the Fig. 4
+              category masses of the two updates.
+    masking   Table 1 / App. D.1: Boost Rate and Mean Boost of the four mask sets
+              for the LM-head-only and the full-parameter SGD step (lr 0.1), and
+              their sign agreement (tokencredit/probes/masking.py).
+    coupling  Fig. 2: output-layer coupling cells from sampled token pairs
+              (tokencredit/probes/coupling.py), plus the predicted-shift split
+              into self / same-token / different-token terms (Eq. 9).
+
+Input (one of)
+    --run RUN_DIR        the run's config.yaml and its latest checkpoint (or
+                         --checkpoint DIR); a fresh rollout batch is sampled with
+                         the run's settings through the Trainer (prompts of the
+                         rollout step after the checkpoint, seed --seed) and saved
+                         as OUT/batch.safetensors + OUT/batch.json.
+    --checkpoint DIR     alone: RUN_DIR is DIR/../.. when that holds config.yaml.
+    --model NAME         a raw model (alias, directory, cached hub id) with the
+                         default config; --out is then required.
+    --batch FILE         a saved batch (FILE.safetensors + FILE.json, written by
+                         any probe command) instead of sampling: run all three
+                         probes on the same batch this way.
+    key=value ...        config overrides (as for `tokencredit train`).
+
+Output (OUT = --out, default RUN_DIR/probes)
+    polarity_tokens.parquet, polarity.jsonl, polarity_summary.txt, categories_polarity.json
+    masking_candidates.parquet, masking_tokens.parquet, masking.jsonl, masking_summary.json, masking_summary.txt
+    coupling_pairs.parquet, coupling_cells.jsonl, coupling_summary.txt
+    Each *_summary.txt is the one-screen summary the command also prints.
+    `tokencredit report RUN_DIR` draws coupling_*.{parquet,jsonl} (Fig. 2) and
+    categories_polarity.json (Fig. 4).
+
+Simplifications
+    The polarity update is one optimizer step on the whole batch (the trainer
+    may split a rollout batch into mini-batches); see polarity.py. The
+    Trainer used to sample lives in a temporary directory: nothing in RUN_DIR
+    except OUT is written.
+
+Try it
+    tokencredit probe masking --run runs/my-run --candidates 64 --full-candidates 8
+    tokencredit probe polarity --run runs/my-run --batch runs/my-run/probes/batch.safetensors
+    tokencredit probe coupling --model tiny-random --out /tmp/probes rollout.max_new_tokens=16
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("tokencredit.probes")
+
+
+# ----------------------------------------------------------------------------
+# batch files
+# ----------------------------------------------------------------------------
+
+
+def save_batch(batch, path: str | Path) -> Path:
+    """RolloutBatch -> PATH.safetensors (tensors) + PATH.json (pad_id, lists)."""
+    from safetensors.torch import save_file
+
+    p = Path(path).with_suffix(".safetensors")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sd = batch.state_dict()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    meta = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
+    save_file(tensors, str(p))
+    p.with_suffix(".json").write_text(json.dumps(meta))
+    return p
+
+
+def load_batch(path: str | Path):
+    """Inverse of ``save_batch``; PATH may name either file or the common stem."""
+    from safetensors.torch import load_file
+
+    from tokencredit.batch import RolloutBatch
+
+    p = Path(path)
+    st, js = p.with_suffix(".safetensors"), p.with_suffix(".json")
+    if not st.is_file() or not js.is_file():
+        raise FileNotFoundError(f"--batch {path}: need {st.name} and {js.name} side by side (written by `tokencredit probe ...`)")
+    d: dict[str, Any] = dict(load_file(str(st)))
+    d.update(json.loads(js.read_text()))
+    return RolloutBatch.from_state_dict(d)
+
+
+# ----------------------------------------------------------------------------
+# model + batch from --run / --checkpoint / --model / --batch
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    model: Any
+    tokenizer: Any
+    batch: Any
+    cfg: Any
+    out: Path
+    temperature: float
+    source: dict[str, Any] = field(default_factory=dict)
+    optimizer_state: dict | None = None
+
+
+def _load(args) -> Context:
+    from tokencredit.checkpoint import latest_checkpoint, load_checkpoint
+    from tokencredit.config import ConfigError, load_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = Path(args.run) if args.run else None
+    ck = Path(args.checkpoint) if args.checkpoint else None
+    if ck is not None and not ck.is_dir():
+        raise FileNotFoundError(f"--checkpoint {ck}: no such directory")
+    if run is None and ck is not None and (ck.parent.parent / "config.yaml").is_file():
+        run = ck.parent.parent
+    if run is not None:
+        if not (run / "config.yaml").is_file():
+            raise FileNotFoundError(f"--run {run}: not a run directory (no config.yaml)")
+        cfg = load_config(run / "config.yaml", args.overrides)
+        if args.model:
+            cfg.model.name = args.model
+    elif args.model:
+        cfg = load_config(None, list(args.overrides) + [f"model.name={args.model}"])
+    else:
+        raise ConfigError("probe: give --run RUN_DIR, --checkpoint DIR or --model NAME")
+    if args.out:
+        out = Path(args.out)
+    elif run is not None:
+        out = run / "probes"
+    else:
+        raise ConfigError("probe: --out DIR is required with --model (there is no run directory)")
+    if ck is None and run is not None and not args.model:
+        ck = latest_checkpoint(run / "checkpoints")
+        if ck is None:
+            log.warning("probe: %s has no checkpoint; using the run's initial model %s", run, cfg.model.name)
+    temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+    source: dict[str, Any] = {"model": cfg.model.name, "run": str(run) if run else None, "checkpoint": str(ck) if ck else None}
+
+    state: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="tokencredit-probe-") as tmp:
+        if args.batch:
+            from tokencredit.model import load_model
+            from tokencredit.trainer import resolve_device
+
+            batch = load_batch(args.batch)
+            model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, device=str(resolve_device(cfg.model.device)))
+            if ck is not None:
+                state = load_checkpoint(ck, model)
+            source["batch"] = str(args.batch)
+        else:
+            from tokencredit.trainer import Trainer
+
+            cfg.eval.num_problems = 0
+            cfg.output.progress = False
+            trainer = Trainer(cfg, run_dir=tmp)
+            model, tok = trainer.model, trainer.tokenizer
+            if ck is not None:
+                state = load_checkpoint(ck, model)
+                trainer.rollout_step = int(state.get("rollout_step", 0))
+                trainer.policy_version = int(state.get("policy_version", 0))
+            torch.manual_seed(args.seed)
+            t0 = time.perf_counter()
+            batch, m = trainer.rollout()
+            path = save_batch(batch, out / "batch")
+            source.update({"batch": f"sampled (rollout step {trainer.rollout_step + 1} prompts, seed {args.seed}), saved to {path}",
+                           "reward_mean": m["reward_mean"], "sample_s": round(time.perf_counter() - t0, 1)})
+            del trainer
+    model.eval()
+    if batch.advantage is None:
+        raise FileNotFoundError(f"--batch {args.batch}: the batch has no advantages")
+    return Context(model, tok, batch, cfg, out, temperature, source, state.get("optimizer"))
+
+
+# ----------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------
+
+
+def _write_parquet(cols: dict[str, list], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path)
+
+
+def _write_jsonl(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+    path.write_text("".join(json.dumps({k: clean(v) for k, v in r.items()}) + "\n" for r in rows))
+
+
+def _header(ctx: Context, title: str) -> list[str]:
+    b = ctx.batch
+    adv = b.advantage
+    lines = [
+        title,
+        f"command: tokencredit {' '.join(shlex.quote(a) for a in sys.argv[1:])}" if sys.argv and "tokencredit" in sys.argv[0] else "",
+        f"date {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        f"model {ctx.source['model']}" + (f", checkpoint {ctx.source['checkpoint']}" if ctx.source.get("checkpoint") else ", no checkpoint"),
+        f"batch: {ctx.source.get('batch')}",
+        f"  {len(b)} rows ({int((adv > 0).sum())} A>0, {int((adv < 0).sum())} A<0, {int((adv == 0).sum())} A=0), "
+        f"{b.num_tokens} response tokens" + (f", reward mean {float(b.reward.mean()):.3f}" if b.reward is not None else "")
+        + f", temperature {ctx.temperature:g}",
+    ]
+    return [x for x in lines if x]
+
+
+def _finish(ctx: Context, name: str, lines: list[str]) -> None:
+    text = "\n".join(lines) + "\n"
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    (ctx.out / f"{name}_summary.txt").write_text(text)
+    print(text, end="")
+    print(f"written to {ctx.out}/ ({name}_*)")
+
+
+def _f(v: float | None, fmt: str) -> str:
+    """format(v, fmt), None as NaN (padded like a number)."""
+    return format(float("nan") if v is None else float(v), fmt)
+
+
+# ----------------------------------------------------------------------------
+# probe polarity
+# ----------------------------------------------------------------------------
+
+
+def cmd_polarity(args) -> int:
+    from tokencredit.probes.polarity import VARIANTS, adamw_update, polarity_probe
+
+    ctx = _load(args)
+    cfg = ctx.cfg
+    kw = dict(temperature=ctx.temperature, chunk_tokens=cfg.model.chunk_tokens, micro_rows=args.micro_rows)
+    eps = cfg.probes.flip.eps if args.eps is None else args.eps
+    if args.update == "sgd":
+        lr = 0.1 if args.lr is None else args.lr
+        update: Any = "sgd"
+        lr_desc = f"SGD lr {lr:g} (no momentum) on Eq. 2"
+    else:
+        st = ctx.optimizer_state
+        lr = args.lr if args.lr is not None else (None if st is not None else cfg.train.lr)
+        a = cfg.algo
+        update = adamw_update(lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
+                              clip_low=a.clip_low, clip_high=a.clip_high, loss_agg=a.loss_agg, optimizer_state=st, **kw)
+        eff = lr if lr is not None else st["param_groups"][0]["lr"]
+        lr_desc = f"AdamW lr {eff:g}, " + ("optimizer state from the checkpoint" if st is not None else "fresh optimizer state") + \
+            ", one step on the whole batch (policy_loss)"
+    t0 = time.perf_counter()
+    table, summary = polarity_probe(ctx.model, ctx.batch, update=update, lr=lr, eps=eps, **kw)
+    dt = time.perf_counter() - t0
+    table["token_text"] = [ctx.tokenizer.decode([t]) for t in table["token_id"]]
+    _write_parquet(table, ctx.out / "polarity_tokens.parquet")
+    rows = []
+    for v in VARIANTS:
+        for sub in ("pos", "neg", "all"):
+            s = summary[v]
+            rows.append({"variant": v, "subset": sub, **{k: s[f"flip_{sub}_{k}"] for k in ("boosted", "suppressed", "stable", "mean_abs", "tokens")}})
+    _write_jsonl(rows + [{"variant": "grpo_vs_positive_only", "sign_agreement": summary["sign_agreement"]}], ctx.out / "polarity.jsonl")
+    try:
+        from tokencredit.probes.categories import category_mass, write_category_json
+
+        base = {k: table[k] for k in ("row", "position", "token_id")}
+        cats = category_mass({"grpo": {**base, "delta": table["delta_grpo"]},
+                              "positive_only": {**base, "delta": table["delta_positive_only"]}}, ctx.tokenizer)
+        write_category_json(ctx.out / "categories_polarity.json", cats)
+    except Exception as e:  # categories are a bonus; never lose the probe to them
+        log.warning("probe polarity: token categories not written (%s)", e)
+        cats = None
+
+    lines = _header(ctx, "Polarity comparison (cancellation paper Alg. 2, Fig. 1(d))")
+    lines.append(f"update: {lr_desc}; stable = |Δ log p| <= {eps:g}; {dt:.0f} s")
+    lines.append("")
+    lines.append(f"{'':<15}|{'A > 0 rows':^29}|{'A < 0 rows':^29}|{'all rows':^29}")
+    lines.append(f"{'update':<15}|" + "|".join(f"{'boost':>7}{'suppr':>7}{'stable':>7}{'|Δ|':>8}" for _ in range(3)))
+    for v, label in (("grpo", "GRPO (A)"), ("positive_only", "positive (A+)")):
+        s = summary[v]
+        lines.append(f"{label:<15}|" + "|".join(
+            f"{s[f'flip_{sub}_boosted']:>7.3f}{s[f'flip_{sub}_suppressed']:>7.3f}{s[f'flip_{sub}_stable']:>7.3f}{s[f'flip_{sub}_mean_abs']:>8.4f}"
+            for sub in ("pos", "neg", "all")))
+    s = summary["grpo"]
+    lines.append(f"{'tokens':<15}|" + "|".join(f"{int(s[f'flip_{sub}_tokens']):>29}" for sub in ("pos", "neg", "all")))
+    lines.append(f"sign agreement of Δ log p, GRPO vs positive-only: {summary['sign_agreement']:.3f}")
+    if cats:
+        lines.append("boosted-mass share (Fig. 4)   " + "  ".join(f"{c}" for c in ("math", "format", "reasoning")))
+        for v in VARIANTS:
+            lines.append(f"  {v:<27}" + "  ".join(f"{cats[v][c]:>{len(c)}.3f}" for c in ("math", "format", "reasoning")))
+    _finish(ctx, "polarity", lines)
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# probe masking
+# ----------------------------------------------------------------------------
+
+
+def cmd_masking(args) -> int:
+    from tokencredit.probes.masking import SET_CONDITIONS, masking_probe
+
+    ctx = _load(args)
+    t0 = time.perf_counter()
+    tables, summary = masking_probe(
+        ctx.model, ctx.batch, n_candidates=args.candidates, n_full=args.full_candidates, threshold=args.low_conf,
+        lr=args.lr, seed=args.seed, modes=tuple(args.modes), temperature=ctx.temperature,
+        chunk_tokens=ctx.cfg.model.chunk_tokens, micro_rows=args.micro_rows, progress=not args.no_progress,
+    )
+    dt = time.perf_counter() - t0
+    summary["time_s"] = dt
+    summary["source"] = ctx.source
+    _write_parquet(tables["candidates"], ctx.out / "masking_candidates.parquet")
+    _write_parquet(tables["tokens"], ctx.out / "masking_tokens.parquet")
+    _write_jsonl(summary["table"], ctx.out / "masking.jsonl")
+    (ctx.out / "masking_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    lines = _header(ctx, "Masking effect (cancellation paper Table 1) and LM-head vs full sign agreement (App. D.1)")
+    lines.append(f"one SGD step, lr {args.lr:g}, no momentum, on J = 1/N sum A_k log pi(o_k) (N = {summary['tokens']} "
+                 f"tokens, kept for masked updates); {summary['tokens_in_loss']} tokens in the loss (A != 0)")
+    lines.append(f"candidates: {summary['candidates']} (LM head), {summary['full_candidates']} of them also full-parameter, "
+                 f"from {summary['eligible_tokens']} eligible; low confidence = old prob < {args.low_conf:g} "
+                 f"({summary['low_conf_tokens']} tokens); seed {args.seed}; {dt:.0f} s")
+    lines.append("")
+    blk = lambda t: f"{t:^29}"  # noqa: E731
+    paired_title = "LM-head, Full's candidates"
+    lines.append(f"{'Masked tokens':<21}|{blk('LM-head')}|{blk('Full')}|{blk(paired_title)}")
+    lines.append(f"{'Same  LowConf   |M|':<21}|" + "|".join([f"{'n':>5}{'Boost Rate':>12}{'Mean Boost':>12}"] * 2)
+                 + f"|{'':>5}{'Boost Rate':>12}{'Mean Boost':>12}")
+    for r in summary["table"]:
+        same, low = SET_CONDITIONS[r["set"]]
+        cell = f"{'✓' if same else '-':^5} {'✓' if low else '-':^7} {r['mean_set_size']:>5.1f}"
+        parts = []
+        for mode in ("lm_head", "full"):
+            br, mb = r[f"boost_rate_{mode}"], r[f"mean_boost_{mode}"]
+            parts.append(f"{r[f'n_{mode}']:>5}{_f(100 * br, '>11.2f')}%{_f(mb, '>+12.4f')}")
+        parts.append(f"{'':>5}{_f(100 * r.get('boost_rate_lm_head_paired', math.nan), '>11.2f')}%"
+                     f"{_f(r.get('mean_boost_lm_head_paired', math.nan), '>+12.4f')}")
+        lines.append(f"{cell:<21}|" + "|".join(parts))
+    lines.append("(n = candidates whose set has at least one token; |M| = mean set size; Boost Rate = % with δ > 0)")
+    lines.append("split by the sign of the masked set's net weight sum_{k in M} A_k   (n, Boost Rate, Mean Boost)")
+    lines.append(f"  {'':<20}" + "|".join(f"{t:^22}" for t in ("LM-head, net A > 0", "LM-head, net A < 0", "Full, net A > 0", "Full, net A < 0")))
+    for r in summary["table"]:
+        parts = [f"{r[f'n_{m}_{t}']:>4}{_f(100 * r[f'boost_rate_{m}_{t}'], '>7.1f')}%{_f(r[f'mean_boost_{m}_{t}'], '>+10.4f')}"
+                 for m in ("lm_head", "full") for t in ("netpos", "netneg")]
+        lines.append(f"  {r['set']:<20}" + "|".join(parts))
+    sa = summary["sign_agreement"]
+    lines.append(f"sign agreement of Δ log p, full-parameter vs LM-head-only step (lr {args.lr:g}), all "
+                 f"{summary['tokens']} tokens: {_f(sa, '.3f')}")
+    lines.append(f"mean |Δ log p| of one step over all tokens: LM-head-only {_f(summary['mean_abs_delta_lm_head'], '.4f')}, "
+                 f"full-parameter {_f(summary['mean_abs_delta_full'], '.4f')}")
+    _finish(ctx, "masking", lines)
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# probe coupling
+# ----------------------------------------------------------------------------
+
+
+def cmd_coupling(args) -> int:
+    from tokencredit.model.forward import lm_head_inputs
+    from tokencredit.probes.coupling import coupling_cells, coupling_pairs, predicted_shift
+    from tokencredit.probes.masking import eq2_weights
+
+    ctx = _load(args)
+    b = ctx.batch
+    rows, pos = (b.response_mask > 0).nonzero(as_tuple=True)
+    t0 = time.perf_counter()
+    h = lm_head_inputs(ctx.model, b)[rows, pos].cpu()  # (N, d) final hidden states
+    head = ctx.model.get_output_embeddings()
+    W = head.weight.detach().float().cpu()
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach().float().cpu()
+    o = b.response_ids[rows, pos]
+    A = eq2_weights(b)[rows, pos]
+    gen = torch.Generator().manual_seed(args.seed)
+    pairs = coupling_pairs(h, W, o, A, args.confidence, args.pairs, gen, args.low_conf, bias=bias, temperature=ctx.temperature)
+    cells = coupling_cells(pairs)
+    shift = predicted_shift(h, W, o, A, args.eta, bias=bias, temperature=ctx.temperature)
+    dt = time.perf_counter() - t0
+
+    cols = {k: v.tolist() for k, v in pairs.items()}
+    cols["token_j"], cols["token_k"] = o[pairs["j"]].tolist(), o[pairs["k"]].tolist()
+    _write_parquet(cols, ctx.out / "coupling_pairs.parquet")
+    _write_jsonl([{"cell": k, **v} for k, v in cells.items()], ctx.out / "coupling_cells.jsonl")
+    d, st, sm, df = (shift[k] for k in ("delta", "self_term", "same_token", "diff_token"))
+    flip = ((torch.sign(d) != torch.sign(st)) & (A != 0)).double()
+
+    lines = _header(ctx, "Output-layer coupling cells (cancellation paper Fig. 2, Eq. 7-10)")
+    thr = args.low_conf if args.low_conf is not None else ("0.5" if args.confidence == "prob" else "batch median")
+    lines.append(f"{args.pairs} sampled ordered pairs (half among same-token pairs); low confidence: "
+                 f"{'prob <' if args.confidence == 'prob' else 'entropy >'} {thr} for both tokens; {dt:.0f} s")
+    lines.append("")
+    lines.append(f"{'cell':<26}{'% of pairs':>11}{'n':>7}{'<h_j,h_k>':>12}{'phi_jk':>11}{'|A_k K_jk|':>12}")
+    for k, v in cells.items():
+        lines.append(f"{k:<26}{_f(100 * v['frac_uniform'], '>10.2f')}%{v['n']:>7}{_f(v['hh_mean'], '>12.2f')}"
+                     f"{_f(v['phi_mean'], '>11.4f')}{_f(v['contrib_abs_mean'], '>12.3f')}")
+    lines.append("")
+    lines.append(f"predicted LM-head shift (Eq. 9, eta {args.eta:g}) over {d.numel()} tokens: mean |delta| {d.abs().mean():.2e}; "
+                 f"mean |self| {st.abs().mean():.2e}, |same-token| {sm.abs().mean():.2e}, |diff-token| {df.abs().mean():.2e}")
+    n_in = int((A != 0).sum())
+    lines.append(f"tokens in the loss whose predicted shift has the opposite sign of their own (self) term: "
+                 f"{_f(float(flip.sum()) / max(n_in, 1), '.3f')} of {n_in}")
+    _finish(ctx, "coupling", lines)
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# argparse
+# ----------------------------------------------------------------------------
+
+
+def _common(p) -> None:
+    g = p.add_argument_group("input")
+    g.add_argument("--run", metavar="RUN_DIR", help="run directory: its config.yaml and latest checkpoint")
+    g.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (default: the run's latest)")
+    g.add_argument("--model", metavar="NAME", help="raw model (alias, directory, cached hub id) instead of a run's")
+    g.add_argument("--batch", metavar="FILE", help="saved batch (FILE.safetensors + FILE.json) instead of sampling one")
+    p.add_argument("--out", metavar="DIR", help="output directory (default RUN_DIR/probes)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling the batch and for the probe's own draws")
+    p.add_argument("--micro-rows", type=int, default=8, help="rows per forward/backward (memory only; results do not depend on it)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rollout.prompts_per_step=4")
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("probe", help="probes of one update: polarity (Alg. 2), masking (Table 1), coupling (Fig. 2), value (Eq. 20)",
+                              description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="probe", required=True, metavar="{polarity,masking,coupling,value}")
+
+    pp = sub.add_parser("polarity", help="GRPO vs positive-only update from one state (Alg. 2, Fig. 1(d), Fig. 4)",
+                        description="Apply the update with A and with A+ = A*1[A>0] from the same state; write Δ log p of both "
+                        "on the full batch, the Fig. 1(d) boosted/suppressed/stable fractions and Fig. 4 category masses.")
+    _common(pp)
+    pp.add_argument("--update", choices=("adamw", "sgd"), default="adamw",
+                    help="adamw: the run's optimizer (state from the checkpoint), one step on the whole batch; sgd: plain SGD on Eq. 2")
+    pp.add_argument("--lr", type=float, default=None, help="learning rate (default: adamw = the checkpoint's / train.lr; sgd = 0.1)")
+    pp.add_argument("--eps", type=float, default=None, help="|Δ log p| <= eps is stable (default probes.flip.eps)")
+    pp.set_defaults(func=cmd_polarity)
+
+    pm = sub.add_parser("masking", help="masking effect of four token sets, LM-head vs full (Table 1, App. D.1)",
+                        description="Boost Rate and Mean Boost of removing random / same-token / low-confidence / "
+                        "same-token&low-confidence tokens from one SGD step, for LM-head-only and full-parameter updates.")
+    _common(pm)
+    pm.add_argument("--candidates", type=int, default=64, help="candidate tokens (LM-head path; cheap)")
+    pm.add_argument("--full-candidates", type=int, default=8,
+                    help="how many of them also get the full-parameter update (each costs ~1 forward + 4 backward passes over the batch)")
+    pm.add_argument("--low-conf", type=float, default=0.5, help="low confidence: old prob below this")
+    pm.add_argument("--lr", type=float, default=0.1, help="SGD step size (paper: 0.1)")
+    pm.add_argument("--modes", nargs="+", choices=("lm_head", "full"), default=["lm_head", "full"])
+    pm.set_defaults(func=cmd_masking)
+
+    pc = sub.add_parser("coupling", help="Fig. 2 coupling cells from sampled token pairs",
+                        description="Sample token pairs, compute <h_j,h_k>, phi_jk and A_k K_jk (Eq. 7-8), summarise by "
+                        "(same token?) x (both low confidence?); write pairs (parquet) and cells (jsonl).")
+    _common(pc)
+    pc.add_argument("--pairs", type=int, default=4096, help="sampled ordered pairs")
+    pc.add_argument("--confidence", choices=("prob", "entropy"), default="prob", help="low confidence by own prob or entropy")
+    pc.add_argument("--low-conf", type=float, default=None, help="threshold (default: prob 0.5 / entropy batch median)")
+    pc.add_argument("--eta", type=float, default=0.1, help="step size for the predicted-shift decomposition (Eq. 9)")
+    pc.set_defaults(func=cmd_coupling)
+
+    from tokencredit.probes import value
+
+    value.add_cli(sub)  # `tokencredit probe value RUN_DIR --step N` (Eq. 20, cancellation paper App. E.2)

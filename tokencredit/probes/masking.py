@@ -1,0 +1,703 @@
+"""Masking-effect probe (cancellation paper Table 1, Sec. 2) and the LM-head vs
+full-parameter sign agreement (App. D.1, Fig. 10).
+
+What it does
+    One plain SGD ascent step (lr 0.1, no momentum; App. D.2) on the weighted
+    token log-likelihood
+
+        J(theta) = 1/N sum_k A_k log pi_theta(o_k | s_k)                  (Eq. 2)
+
+    over the N response tokens of a rollout batch, theta' = theta + lr grad J
+    (Eq. 3). For a candidate token c and a token set M(c), the *masked* update
+    drops the terms k in M(c) from the sum, keeping the normaliser N (so masking
+    only removes terms and the other tokens' weights are unchanged):
+
+        theta'_M = theta + lr/N sum_{k not in M} A_k g_k = theta' - lr/N sum_{k in M} A_k g_k
+        delta_M(c) = log pi_theta'(c | s_c) - log pi_theta'_M(c | s_c)    (Masking Effect)
+
+    delta > 0: the removed tokens would have raised c's log-prob. Per mask set,
+    Boost Rate = fraction of candidates with delta > 0 and Mean Boost = mean
+    delta. Only tokens *in the loss* (A_k != 0; rows of all-equal-reward
+    groups have A = 0, and removing a term that is 0 changes nothing) are
+    masked. Candidates are response tokens (any A) with at least one other
+    in-loss token of the same id; the four sets of Table 1 (rows: same
+    token? x low confidence?):
+
+        random               |S| tokens drawn uniformly from the in-loss tokens
+                             with a different id
+        same_token           S = every other in-loss token with c's id
+        low_conf             min(|S|, #pool) tokens drawn uniformly from the
+                             low-confidence in-loss tokens with a different id
+        same_token&low_conf  S restricted to low-confidence tokens
+
+    "Different id" for random and low_conf: issue 5's "other tokens" read so
+    that rows 1 and 3 of Table 1 contain no same-token pair (the paper's
+    batches are large enough that a random draw almost never hits one; in a
+    small batch a frequent id would otherwise leak coupled tokens into the
+    control rows).
+
+    Low confidence = old prob pi_theta(o_k | s_k) < threshold (a property of the
+    masked tokens; the candidate's own prob is recorded, not filtered on). A
+    candidate whose set is empty has delta = 0 exactly; it is left out of that
+    set's statistics (the table reports n per cell).
+
+Two update kinds
+    lm_head  only the LM-head weight W moves; the decoder (hence the final
+             hidden states h) is fixed. With tied embeddings this is the
+             *untied* head: W is cloned into its own parameter (the input
+             embedding stays at theta), which is what ``untie_lm_head`` builds
+             for the brute-force reference. Logits are linear in W, so the
+             update is exact in closed form (no Taylor step):
+                 z'_c   = z_c + lr s^2/N sum_k   A_k <h_k, h_c> r_k       r_k = e_{o_k} - pi_k
+                 z^M_c  = z'_c - lr s^2/N sum_{k in M} A_k <h_k, h_c> r_k
+             with s = logit_scale / temperature (Eq. 6-9 without the first-
+             order approximation); cost O(N V d) once plus O(|M| V) per set.
+    full     every trainable parameter (requires_grad) moves, tied weights as
+             the model has them. theta' needs one backward over the batch; each
+             (candidate, set) needs the gradient of the masked terms only
+             (theta'_M = theta' - lr g_M, "full minus masked"): one forward
+             over the rows that hold any of the candidate's four sets, each row
+             cut after its last masked token (causal LM: later tokens cannot
+             matter), one backward per set through that graph, then one
+             forward of c's row (cut after c) per set. Cost per candidate:
+             about 1 forward + 4 backward passes over the batch (~30-50 s for
+             SmolLM2-135M and 32 short rows on 1 CPU thread): cap the
+             candidates (``n_full``).
+
+    Sign agreement (App. D.1): the fraction of all N tokens whose Delta log p
+    has the same sign (torch.sign, so 0 is its own sign) under the full step
+    and under the LM-head-only step, same lr, same batch.
+
+Simplifications
+    * The update is the plain Eq. 2 step: no ratio/clip (at the start of an
+      update rho = 1, so the clipped surrogate has the same gradient), no
+      token weights other than ``batch.token_weight`` if present, no KL.
+    * Log-probs are at ``temperature`` (pass the run's rollout temperature;
+      1.0 is the paper's setting). Softcapped logits are not supported by the
+      LM-head closed form.
+    * The caller's model is only read (gradients via torch.autograd.grad, no
+      .grad is written); the full path updates a deepcopy.
+
+Try it
+    from tokencredit.probes.masking import masking_probe
+    tables, summary = masking_probe(model, batch, n_candidates=64, n_full=8)
+    summary["table"]            # Table 1 rows
+    summary["sign_agreement"]   # App. D.1
+    tokencredit probe masking --run RUN_DIR --candidates 64 --full-candidates 8
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from tokencredit.batch import RolloutBatch
+from tokencredit.model.forward import _logit_transform, forward_tokens, lm_head_inputs
+
+__all__ = [
+    "SET_NAMES",
+    "SET_CONDITIONS",
+    "eq2_weights",
+    "token_logprobs",
+    "eq2_grad",
+    "eq2_grads",
+    "sgd_step",
+    "untie_lm_head",
+    "select_candidates",
+    "build_mask_sets",
+    "lm_head_masking",
+    "full_masking",
+    "boost_stats",
+    "sign_agreement",
+    "masking_probe",
+]
+
+# Table 1 rows, in the paper's order: (same token?, low confidence?)
+SET_NAMES = ("random", "same_token", "low_conf", "same_token&low_conf")
+SET_CONDITIONS = {"random": (False, False), "same_token": (True, False), "low_conf": (False, True), "same_token&low_conf": (True, True)}
+
+
+# ----------------------------------------------------------------------------
+# Eq. 2 objective, its gradient, one SGD step
+# ----------------------------------------------------------------------------
+
+
+def eq2_weights(batch: RolloutBatch, advantages: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] float32 per-token weight A_k of Eq. 2: the row advantage ([B]) or a
+    per-token one ([B, T]), times ``batch.token_weight`` if set, 0 off the
+    response mask. ``advantages`` defaults to ``batch.advantage``."""
+    adv = batch.advantage if advantages is None else advantages
+    if adv is None:
+        raise ValueError("the batch has no advantage; pass advantages=")
+    m = batch.response_mask.to(torch.float32)  # [B, T]
+    a = adv.to(torch.float32)
+    a = a[:, None].expand_as(m) if a.ndim == 1 else a  # [B] -> [B, T]
+    if batch.token_weight is not None:
+        a = a * batch.token_weight.to(torch.float32)
+    return a * m
+
+
+def _rows_upto(batch: RolloutBatch, rows: Sequence[int] | torch.Tensor, last: Sequence[int] | torch.Tensor) -> RolloutBatch:
+    """Rows `rows` of `batch`, row i cut after response position last[i].
+
+    Response columns keep their positions (column t is still token t); the
+    mask is 0 after `last` (and was already 0 on padding). Because the mask is
+    also the attention mask of the response part and the LM is causal, every
+    kept token's log-prob is the same as in the full row.
+    """
+    rows = torch.as_tensor(rows, dtype=torch.long).view(-1)
+    last = torch.as_tensor(last, dtype=torch.long).view(-1)
+    sub = batch.select(rows)
+    T = int(last.max()) + 1
+    mask = sub.response_mask[:, :T].clone()  # [b, T]
+    mask[torch.arange(T)[None, :] > last[:, None]] = 0
+    return RolloutBatch(
+        prompt_ids=sub.prompt_ids, prompt_mask=sub.prompt_mask, response_ids=sub.response_ids[:, :T],
+        response_mask=mask, group_id=sub.group_id, pad_id=sub.pad_id,
+    )
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Run in eval mode (no dropout), restore the caller's mode afterwards."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def token_logprobs(model, batch: RolloutBatch, *, temperature: float = 1.0, chunk_tokens: int = 1024, micro_rows: int = 8) -> torch.Tensor:
+    """[B, T] float32 log pi(o_t | s_t) (0 on padding), in row micro-batches, no grad."""
+    B, T = batch.response_ids.shape
+    out = torch.zeros(B, T)
+    with _eval_mode(model):
+        for s in range(0, B, micro_rows):
+            sub = batch.select(range(s, min(B, s + micro_rows)))
+            lp = forward_tokens(model, sub, temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=False)["logprob"]
+            out[s : s + lp.shape[0], : lp.shape[1]] = lp.cpu()
+    return out
+
+
+def _trainable(model) -> tuple[list[str], list[torch.nn.Parameter]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameter (requires_grad)")
+    return [n for n, _ in named], [p for _, p in named]
+
+
+def eq2_grads(
+    model,
+    batch: RolloutBatch,
+    weights: Sequence[torch.Tensor],
+    norm: float,
+    params: Sequence[torch.nn.Parameter] | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    micro_rows: int = 8,
+) -> list[list[torch.Tensor]]:
+    """grad_theta (1/norm) sum_{b,t} w[b,t] log pi(o_{b,t} | s_{b,t}) for each w in
+    `weights` (K tensors [B, T]; 0 = term not in the sum)   (Eq. 2, Eq. 3).
+
+    One forward per row micro-batch serves all K sums (one backward each, the
+    graph retained between them). Only rows with a nonzero weight in some w
+    are run, each cut after its last nonzero weight (``_rows_upto``).
+    params: default every trainable parameter. Uses torch.autograd.grad, so
+    the model's .grad fields are not touched. Returns K lists with one tensor
+    per parameter (zeros where a w has no nonzero term). Memory: K gradients.
+    """
+    if params is None:
+        _, params = _trainable(model)
+    K = len(weights)
+    grads = [[torch.zeros_like(p) for p in params] for _ in range(K)]
+    if K == 0:
+        return grads
+    m = batch.response_mask.to(torch.float32)
+    w = torch.stack([x.to(torch.float32) * m for x in weights])  # [K, B, T]
+    nz = w != 0
+    any_nz = nz.any(0)  # [B, T]
+    rows = any_nz.any(1).nonzero().view(-1)  # rows with a term
+    if rows.numel() == 0:
+        return grads
+    T = w.shape[2]
+    last = torch.where(any_nz, torch.arange(T)[None, :], -1).amax(1)  # [B] last term per row
+    dev = params[0].device
+    with _eval_mode(model), torch.enable_grad():
+        for s in range(0, rows.numel(), micro_rows):
+            r = rows[s : s + micro_rows]
+            active = [k for k in range(K) if bool(nz[k, r].any())]
+            sub = _rows_upto(batch, r, last[r])
+            lp = forward_tokens(model, sub, temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=False)["logprob"]
+            for j, k in enumerate(active):
+                J = (lp * w[k, r, : lp.shape[1]].to(dev)).sum() / norm  # Eq. 2 restricted to these rows
+                gs = torch.autograd.grad(J, params, retain_graph=j < len(active) - 1, allow_unused=True)
+                for acc, g in zip(grads[k], gs):
+                    if g is not None:
+                        acc.add_(g)
+    return grads
+
+
+def eq2_grad(model, batch: RolloutBatch, weights: torch.Tensor, norm: float, params=None, **kw) -> list[torch.Tensor]:
+    """``eq2_grads`` for one weight tensor [B, T]: one tensor per parameter."""
+    return eq2_grads(model, batch, [weights], norm, params, **kw)[0]
+
+
+def sgd_step(
+    model,
+    batch: RolloutBatch,
+    weights: torch.Tensor,
+    lr: float,
+    *,
+    norm: float | None = None,
+    params: str | Sequence[torch.nn.Parameter] = "trainable",
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    micro_rows: int = 8,
+) -> None:
+    """In place: theta <- theta + lr * grad J (Eq. 3; plain SGD ascent, no momentum).
+
+    norm: Eq. 2's N, default the number of response tokens of `batch`.
+    params: "trainable" (every requires_grad parameter), "lm_head" (the output
+    embedding weight only; refuses a head tied to the input embedding, see
+    ``untie_lm_head``) or an explicit list. Pass a copy if the model must survive.
+    """
+    if params == "trainable":
+        _, plist = _trainable(model)
+    elif params == "lm_head":
+        W = model.get_output_embeddings().weight
+        emb = model.get_input_embeddings().weight
+        if W is emb or W.data_ptr() == emb.data_ptr():
+            raise ValueError("the LM head is tied to the input embedding; call untie_lm_head(model) first")
+        plist = [W]
+    else:
+        plist = list(params)
+    n = float(batch.response_mask.sum()) if norm is None else float(norm)
+    grads = eq2_grad(model, batch, weights, n, plist, temperature=temperature, chunk_tokens=chunk_tokens, micro_rows=micro_rows)
+    with torch.no_grad():
+        for p, g in zip(plist, grads):
+            p.add_(g, alpha=lr)
+
+
+def untie_lm_head(model) -> torch.nn.Module:
+    """A deepcopy whose LM-head weight is its own Parameter (a clone), so an
+    LM-head-only update leaves the input embedding (hence h) unchanged. Only
+    the head is trainable in the copy. The original model is not touched."""
+    m = copy.deepcopy(model)
+    head = m.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    if getattr(m.config, "tie_word_embeddings", False):
+        m.config.tie_word_embeddings = False  # keep transformers from re-tying it
+    m.requires_grad_(False)
+    head.weight.requires_grad_(True)
+    return m
+
+
+# ----------------------------------------------------------------------------
+# candidates and mask sets
+# ----------------------------------------------------------------------------
+
+
+def select_candidates(
+    ids: torch.Tensor, n: int, generator: torch.Generator | None = None, in_loss: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(C,) long: up to `n` flat token indices drawn uniformly without replacement
+    among tokens that have at least one *other* token with the same id in the
+    loss. ids (N,); in_loss (N,) bool, default all (tokens with A_k != 0 are the
+    ones Eq. 2 sums over). Random order, so a prefix is again a uniform sample."""
+    il = torch.ones_like(ids, dtype=torch.bool) if in_loss is None else in_loss.bool()
+    counts = torch.bincount(ids[il], minlength=int(ids.max()) + 1)  # in-loss tokens per id
+    others = counts[ids] - il.long()  # other in-loss tokens with my id
+    eligible = (others >= 1).nonzero().view(-1)
+    perm = torch.randperm(eligible.numel(), generator=generator)
+    return eligible[perm[:n]]
+
+
+def build_mask_sets(
+    ids: torch.Tensor,
+    old_prob: torch.Tensor,
+    candidates: torch.Tensor,
+    threshold: float,
+    generator: torch.Generator | None = None,
+    in_loss: torch.Tensor | None = None,
+) -> dict[str, list[torch.Tensor]]:
+    """The four Table 1 sets for each candidate c, drawn from the tokens in the loss.
+
+    same_token           S = in-loss tokens k != c with o_k = o_c
+    same_token&low_conf  S with old prob < threshold
+    random               |S| tokens drawn uniformly from the in-loss tokens with
+                         a different id (so rows 1 and 3 of Table 1 hold no
+                         same-token pair and are disjoint from rows 2 and 4)
+    low_conf             min(|S|, #pool) tokens drawn uniformly from the in-loss
+                         tokens with a different id and old prob < threshold
+
+    ids (N,), old_prob (N,), candidates (C,) flat indices, in_loss (N,) bool
+    (default all). Returns {set name: [C sorted index tensors]}.
+    """
+    il = torch.ones_like(ids, dtype=torch.bool) if in_loss is None else in_loss.bool()
+    low = old_prob < threshold  # (N,)
+    ar = torch.arange(ids.numel())
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in SET_NAMES}
+    for c in candidates.tolist():
+        is_same = ids == ids[c]
+        same = (is_same & il & (ar != c)).nonzero().view(-1)
+        k = same.numel()
+        pool = (il & ~is_same).nonzero().view(-1)
+        rnd = pool[torch.randperm(pool.numel(), generator=generator)[:k]]
+        lpool = (il & ~is_same & low).nonzero().view(-1)
+        lc = lpool[torch.randperm(lpool.numel(), generator=generator)[: min(k, lpool.numel())]]
+        out["random"].append(rnd.sort().values)
+        out["same_token"].append(same)
+        out["low_conf"].append(lc.sort().values)
+        out["same_token&low_conf"].append(same[low[same]])
+    return out
+
+
+def _flat(batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (N,), pos (N,)): the response tokens, row-major (forward_tokens' order)."""
+    return (batch.response_mask > 0).nonzero(as_tuple=True)
+
+
+# ----------------------------------------------------------------------------
+# LM-head-only: exact closed form
+# ----------------------------------------------------------------------------
+
+
+def _lsm_at(z: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """log_softmax(z)[o] in float64. z (c, V), o (c,) -> (c,)"""
+    z = z.double()
+    return z.gather(1, o[:, None]).squeeze(1) - torch.logsumexp(z, 1)
+
+
+@torch.no_grad()
+def lm_head_masking(
+    model,
+    batch: RolloutBatch,
+    weights: torch.Tensor,
+    candidates: torch.Tensor,
+    sets: dict[str, list[torch.Tensor]],
+    lr: float = 0.1,
+    *,
+    norm: float | None = None,
+    temperature: float = 1.0,
+    chunk: int = 1024,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Masking effects under the LM-head-only (untied) SGD step, exact closed form.
+
+    weights [B, T] (Eq. 2's A_k), candidates (C,) flat token indices, sets from
+    ``build_mask_sets``. Returns dict:
+        delta       {set: (C,) float64}  log pi_W'(c) - log pi_W'_M(c)
+        logp_full   (C,) float64  log pi_W'(c)
+        delta_all   (N,) float64  head-only Delta log p of every token (Eq. 1)
+    Memory: G (V, d) plus r_k rows (V each) of every token in some set.
+    """
+    rows, pos = _flat(batch)
+    N = rows.numel()
+    n = float(N) if norm is None else float(norm)
+    head = model.get_output_embeddings()
+    W = head.weight.detach().float()  # (V, d)
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach().float()
+    scale, softcap = _logit_transform(model)
+    if softcap is not None:
+        raise ValueError("lm_head_masking: softcapped logits are not linear in W; not supported")
+    s = scale / temperature
+    with _eval_mode(model):
+        H = lm_head_inputs(model, batch)[rows, pos].cpu().float()  # (N, d) final hidden states
+    W = W.cpu()
+    bias = None if bias is None else bias.cpu()
+    o = batch.response_ids[rows, pos]  # (N,)
+    A = weights.to(torch.float32)[rows, pos]  # (N,)
+
+    def logits(hc):  # (c, d) -> (c, V): z = s (W h + b)
+        z = hc @ W.T
+        if bias is not None:
+            z = z + bias
+        return z * s
+
+    def r_rows(idx):  # (m,) -> (m, V): r_k = e_{o_k} - pi_k   (Eq. 6)
+        R = -torch.softmax(logits(H[idx]), dim=-1)
+        R[torch.arange(idx.numel()), o[idx]] += 1.0
+        return R
+
+    # G = sum_k A_k r_k h_k^T  (V, d); with s: grad_W J = s G / N   (Eq. 2, 6)
+    G = torch.zeros_like(W)
+    for a in range(0, N, chunk):
+        idx = torch.arange(a, min(a + chunk, N))
+        G.addmm_(r_rows(idx).T, A[idx, None] * H[idx])
+    c = lr * s * s / n  # z' = z + c * G h      (W' = W + lr s G / N)
+
+    delta_all = torch.empty(N, dtype=torch.float64)
+    for a in range(0, N, chunk):
+        idx = torch.arange(a, min(a + chunk, N))
+        z = logits(H[idx])
+        delta_all[idx] = _lsm_at(z + c * (H[idx] @ G.T), o[idx]) - _lsm_at(z, o[idx])
+
+    # r_k rows of every token that some set masks, computed once
+    union = torch.unique(torch.cat([t for lst in sets.values() for t in lst] + [torch.empty(0, dtype=torch.long)]))
+    pos_in_u = torch.full((N,), -1, dtype=torch.long)
+    pos_in_u[union] = torch.arange(union.numel())
+    R_u = torch.empty(union.numel(), W.shape[0])
+    for a in range(0, union.numel(), chunk):
+        R_u[a : a + chunk] = r_rows(union[a : a + chunk])
+
+    C = candidates.numel()
+    delta = {k: torch.zeros(C, dtype=torch.float64) for k in sets}
+    logp_full = torch.empty(C, dtype=torch.float64)
+    it = enumerate(candidates.tolist())
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(list(it), desc="masking lm_head", dynamic_ncols=True)
+    for i, cand in it:
+        hc = H[cand]  # (d,)
+        z1 = (logits(hc[None]) + c * (G @ hc)[None]).double()  # (1, V) z'_c
+        oc = o[cand : cand + 1]
+        logp_full[i] = _lsm_at(z1, oc)[0]
+        for k, lst in sets.items():
+            M = lst[i]
+            if M.numel() == 0:
+                continue  # theta'_M = theta': delta = 0 exactly
+            coef = A[M] * (H[M] @ hc)  # (m,) A_k <h_k, h_c>
+            u = coef @ R_u[pos_in_u[M]]  # (V,) sum_{k in M} A_k <h_k,h_c> r_k
+            delta[k][i] = logp_full[i] - _lsm_at(z1 - c * u.double()[None], oc)[0]
+    return {"delta": delta, "logp_full": logp_full, "delta_all": delta_all}
+
+
+# ----------------------------------------------------------------------------
+# full-parameter: one masked backward per (candidate, set)
+# ----------------------------------------------------------------------------
+
+
+def full_masking(
+    model,
+    batch: RolloutBatch,
+    weights: torch.Tensor,
+    candidates: torch.Tensor,
+    sets: dict[str, list[torch.Tensor]],
+    lr: float = 0.1,
+    *,
+    norm: float | None = None,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    micro_rows: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Masking effects under the full-parameter SGD step (every trainable parameter).
+
+    Same arguments and return keys as ``lm_head_masking`` (delta_all: the full
+    step's Delta log p of every token). theta' = theta + lr grad J is built
+    once in a deepcopy; per (candidate, set) the masked terms' gradient g_M
+    (``eq2_grad`` over the rows that hold them) gives theta'_M = theta' -
+    lr g_M, and c's row (cut after c) is run at theta' and at theta'_M with
+    the same shapes, so an empty set gives delta = 0 exactly and float noise
+    is the same for both terms.
+    """
+    rows, pos = _flat(batch)
+    N = rows.numel()
+    n = float(N) if norm is None else float(norm)
+    names, params = _trainable(model)
+    kw = dict(temperature=temperature, chunk_tokens=chunk_tokens, micro_rows=micro_rows)
+    g = eq2_grad(model, batch, weights, n, params, **kw)
+    m1 = copy.deepcopy(model).eval()
+    p1 = [dict(m1.named_parameters())[k] for k in names]
+    with torch.no_grad():
+        for p, q, gg in zip(p1, params, g):
+            p.copy_(q).add_(gg, alpha=lr)  # theta' = theta + lr grad J   (Eq. 3)
+    del g
+    theta1 = [p.detach().clone() for p in p1]
+    before = token_logprobs(model, batch, **kw)
+    after = token_logprobs(m1, batch, **kw)
+    delta_all = (after - before)[rows, pos].double()
+
+    def cand_logp(b: int, t: int) -> float:
+        sub = _rows_upto(batch, [b], [t])
+        with torch.no_grad():
+            lp = forward_tokens(m1, sub, temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=False)["logprob"]
+        return float(lp[0, t])
+
+    C = candidates.numel()
+    delta = {k: torch.zeros(C, dtype=torch.float64) for k in sets}
+    logp_full = torch.empty(C, dtype=torch.float64)
+    it: Iterable = enumerate(candidates.tolist())
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(list(it), desc="masking full", dynamic_ncols=True)
+    for i, cand in it:
+        b, t = int(rows[cand]), int(pos[cand])
+        logp_full[i] = cand_logp(b, t)
+        todo = [k for k, lst in sets.items() if lst[i].numel() > 0]  # empty set: theta'_M = theta', delta = 0 exactly
+        wMs = []
+        for k in todo:
+            M = sets[k][i]
+            wM = torch.zeros_like(weights, dtype=torch.float32)
+            wM[rows[M], pos[M]] = weights.to(torch.float32)[rows[M], pos[M]]
+            wMs.append(wM)
+        gMs = eq2_grads(model, batch, wMs, n, params, **kw)  # one forward, one backward per set
+        for k, gM in zip(todo, gMs):
+            with torch.no_grad():
+                for p, th, gg in zip(p1, theta1, gM):
+                    p.copy_(th).sub_(gg, alpha=lr)  # theta'_M = theta' - lr/N sum_{k in M} A_k g_k
+            delta[k][i] = logp_full[i] - cand_logp(b, t)
+            with torch.no_grad():
+                for p, th in zip(p1, theta1):
+                    p.copy_(th)
+    return {"delta": delta, "logp_full": logp_full, "delta_all": delta_all}
+
+
+# ----------------------------------------------------------------------------
+# statistics and the whole probe
+# ----------------------------------------------------------------------------
+
+
+def boost_stats(delta: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, float]:
+    """Boost Rate = mean 1{delta > 0}, Mean Boost = mean delta (Sec. 2), over the
+    candidates where `valid` (default all). delta (C,). NaN if none."""
+    d = delta if valid is None else delta[valid]
+    if d.numel() == 0:
+        return {"n": 0, "boost_rate": float("nan"), "mean_boost": float("nan")}
+    return {"n": int(d.numel()), "boost_rate": float((d > 0).double().mean()), "mean_boost": float(d.double().mean())}
+
+
+def sign_agreement(delta_a: torch.Tensor, delta_b: torch.Tensor) -> float:
+    """Fraction of tokens with sign(delta_a) == sign(delta_b) (App. D.1). (N,), (N,)."""
+    if delta_a.numel() == 0:
+        return float("nan")
+    return float((torch.sign(delta_a) == torch.sign(delta_b)).double().mean())
+
+
+def masking_probe(
+    model,
+    batch: RolloutBatch,
+    *,
+    advantages: torch.Tensor | None = None,
+    n_candidates: int = 64,
+    n_full: int | None = None,
+    threshold: float = 0.5,
+    lr: float = 0.1,
+    seed: int = 0,
+    modes: Sequence[str] = ("lm_head", "full"),
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    micro_rows: int = 8,
+    progress: bool = False,
+) -> tuple[dict[str, dict[str, list]], dict[str, Any]]:
+    """Table 1 and App. D.1 on one batch. The model is only read.
+
+    n_full: how many of the candidates (a prefix of the random sample, same
+    mask sets) also get the full-parameter update; None = all. Returns
+    (tables, summary):
+        tables["candidates"]  one row per (candidate, set): candidate, row,
+            position, token_id, advantage, old_prob, set, same_token, low_conf,
+            set_size, set_adv_sum (sum of A_k over the set), set_tokens (flat
+            indices into tables["tokens"]), delta_lm_head, delta_full (NaN
+            where not run), in_full
+        tables["tokens"]      one row per response token: row, position,
+            token_id, advantage, old_prob, delta_lm_head, delta_full
+        summary: "table" (one dict per set: n / boost_rate / mean_boost for
+            lm_head, full, lm_head on the full subset ("_paired"), and per
+            mode split by the sign of the set's net weight sum_{k in M} A_k
+            ("_netpos" / "_netneg")), "sign_agreement", settings and sizes.
+    """
+    for m in modes:
+        if m not in ("lm_head", "full"):
+            raise ValueError(f"unknown mode {m!r}; valid: lm_head, full")
+    if batch.num_tokens < 2:
+        raise ValueError("the batch needs at least two response tokens")
+    gen = torch.Generator().manual_seed(seed)
+    weights = eq2_weights(batch, advantages)  # [B, T]
+    rows, pos = _flat(batch)
+    N = rows.numel()
+    ids = batch.response_ids[rows, pos]
+    old_lp = token_logprobs(model, batch, temperature=temperature, chunk_tokens=chunk_tokens, micro_rows=micro_rows)
+    old_prob = old_lp[rows, pos].exp()
+    in_loss = weights[rows, pos] != 0  # tokens with A_k = 0 are not in Eq. 2's sum
+    cands = select_candidates(ids, n_candidates, gen, in_loss)
+    sets = build_mask_sets(ids, old_prob, cands, threshold, gen, in_loss)
+    C = cands.numel()
+    n_f = C if n_full is None else min(int(n_full), C)
+    res: dict[str, dict[str, Any]] = {}
+    if "lm_head" in modes:
+        res["lm_head"] = lm_head_masking(model, batch, weights, cands, sets, lr, norm=N, temperature=temperature, progress=progress)
+    if "full" in modes:
+        sub_sets = {k: v[:n_f] for k, v in sets.items()}
+        res["full"] = full_masking(model, batch, weights, cands[:n_f], sub_sets, lr, norm=N, temperature=temperature,
+                                   chunk_tokens=chunk_tokens, micro_rows=micro_rows, progress=progress)
+
+    nan = float("nan")
+    A_tok = weights[rows, pos]
+    cols: dict[str, list] = {k: [] for k in ("candidate", "row", "position", "token_id", "advantage", "old_prob", "set", "same_token",
+                                            "low_conf", "set_size", "set_adv_sum", "set_tokens", "delta_lm_head", "delta_full",
+                                            "in_full")}
+    for i, c in enumerate(cands.tolist()):
+        for k in SET_NAMES:
+            cols["candidate"].append(c)
+            cols["row"].append(int(rows[c]))
+            cols["position"].append(int(pos[c]))
+            cols["token_id"].append(int(ids[c]))
+            cols["advantage"].append(float(A_tok[c]))
+            cols["old_prob"].append(float(old_prob[c]))
+            cols["set"].append(k)
+            cols["same_token"].append(SET_CONDITIONS[k][0])
+            cols["low_conf"].append(SET_CONDITIONS[k][1])
+            cols["set_size"].append(int(sets[k][i].numel()))
+            cols["set_adv_sum"].append(float(A_tok[sets[k][i]].sum()))  # sum_{k in M} A_k
+            cols["set_tokens"].append(sets[k][i].tolist())  # flat token indices (tables["tokens"] order)
+            cols["delta_lm_head"].append(float(res["lm_head"]["delta"][k][i]) if "lm_head" in res else nan)
+            cols["delta_full"].append(float(res["full"]["delta"][k][i]) if "full" in res and i < n_f else nan)
+            cols["in_full"].append(i < n_f and "full" in res)
+    tok_cols = {
+        "row": rows.tolist(), "position": pos.tolist(), "token_id": ids.tolist(), "advantage": A_tok.tolist(),
+        "old_prob": old_prob.tolist(),
+        "delta_lm_head": res["lm_head"]["delta_all"].tolist() if "lm_head" in res else [nan] * N,
+        "delta_full": res["full"]["delta_all"].tolist() if "full" in res else [nan] * N,
+    }
+
+    net_adv = {k: torch.stack([A_tok[t].sum() for t in sets[k]]) if C else torch.zeros(0) for k in SET_NAMES}  # (C,)
+    table = []
+    for k in SET_NAMES:
+        sizes = torch.tensor([t.numel() for t in sets[k]], dtype=torch.long)
+        valid = sizes > 0
+        row: dict[str, Any] = {"set": k, "same_token": SET_CONDITIONS[k][0], "low_conf": SET_CONDITIONS[k][1],
+                               "mean_set_size": float(sizes[valid].double().mean()) if valid.any() else 0.0}
+        for mode in ("lm_head", "full"):
+            if mode not in res:
+                row.update({f"n_{mode}": 0, f"boost_rate_{mode}": nan, f"mean_boost_{mode}": nan})
+                continue
+            v = valid if mode == "lm_head" else valid[:n_f]
+            st = boost_stats(res[mode]["delta"][k], v)
+            row.update({f"n_{mode}": st["n"], f"boost_rate_{mode}": st["boost_rate"], f"mean_boost_{mode}": st["mean_boost"]})
+            net = net_adv[k][: v.numel()]
+            for tag, sel in (("netpos", net > 0), ("netneg", net < 0)):  # split by the sign of sum_{k in M} A_k
+                st = boost_stats(res[mode]["delta"][k], v & sel)
+                row.update({f"n_{mode}_{tag}": st["n"], f"boost_rate_{mode}_{tag}": st["boost_rate"],
+                            f"mean_boost_{mode}_{tag}": st["mean_boost"]})
+        if "lm_head" in res and "full" in res:  # paired: the head path on the full path's candidates
+            st = boost_stats(res["lm_head"]["delta"][k][:n_f], valid[:n_f])
+            row.update({"boost_rate_lm_head_paired": st["boost_rate"], "mean_boost_lm_head_paired": st["mean_boost"]})
+        table.append(row)
+    summary: dict[str, Any] = {
+        "table": table,
+        "sign_agreement": sign_agreement(res["full"]["delta_all"], res["lm_head"]["delta_all"]) if len(res) == 2 else nan,
+        "mean_abs_delta_lm_head": float(res["lm_head"]["delta_all"].abs().mean()) if "lm_head" in res else nan,
+        "mean_abs_delta_full": float(res["full"]["delta_all"].abs().mean()) if "full" in res else nan,
+        "tokens": N,
+        "rows": len(batch),
+        "candidates": C,
+        "full_candidates": n_f if "full" in res else 0,
+        "tokens_in_loss": int(in_loss.sum()),
+        "eligible_tokens": int((torch.bincount(ids[in_loss], minlength=int(ids.max()) + 1)[ids] - in_loss.long() >= 1).sum()),
+        "low_conf_tokens": int((old_prob < threshold).sum()),
+        "threshold": threshold,
+        "lr": lr,
+        "temperature": temperature,
+        "seed": seed,
+        "normaliser": "N = all response tokens of the batch, also for masked updates",
+    }
+    return {"candidates": cols, "tokens": tok_cols}, summary
