@@ -336,7 +336,7 @@ class Trainer:
         for the importance ratio but get current log-probs and entropies.
         """
         B, T = batch.response_ids.shape
-        if need_hidden or batch.old_logprob is None or batch.entropy is None or batch.policy_version is None:
+        if (need_hidden and batch.hidden is None) or batch.old_logprob is None or batch.entropy is None or batch.policy_version is None:
             redo = list(range(B))
         else:
             redo = (batch.policy_version != self.policy_version).nonzero().flatten().tolist()
@@ -349,8 +349,9 @@ class Trainer:
         l_before[redo, :t], entropy[redo, :t] = cur["logprob"], cur["entropy"]
         batch.entropy = entropy
         if need_hidden:
-            batch.hidden = torch.zeros(B, T, cur["hidden"].shape[-1])
-            batch.hidden[redo, :t] = cur["hidden"]
+            hidden = batch.hidden.clone() if batch.hidden is not None else torch.zeros(B, T, cur["hidden"].shape[-1])
+            hidden[redo, :t] = cur["hidden"]
+            batch.hidden = hidden
         if batch.old_logprob is None:
             batch.old_logprob = l_before.clone()
         return l_before
@@ -431,8 +432,10 @@ class Trainer:
             self.last_reward = m["reward_mean"]
             update_set = batch
             if self.buffer is not None:
-                cur = self._forward_rows(batch, with_entropy=True)  # sampling-time policy, kept for the ratio
-                batch.old_logprob, batch.entropy = cur["logprob"], cur["entropy"]
+                # sampling-time policy: old_logprob kept for the ratio; entropy (and ResRL's hidden
+                # states) serve the update directly while the row is fresh
+                cur = self._forward_rows(batch, with_entropy=True, with_hidden=cfg.token_weights.method == "resrl")
+                batch.old_logprob, batch.entropy, batch.hidden = cur["logprob"], cur["entropy"], cur.get("hidden")
                 self.buffer.add(batch, self.policy_version)
                 update_set, bst = self.buffer.pop_update_set(self.policy_version)
                 m.update(bst)
