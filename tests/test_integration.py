@@ -21,7 +21,7 @@ def test_two_real_steps_with_smollm2(tmp_path):
 
     cfg = load_config(None, [
         "train.steps=2", "rollout.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=16",
-        "train.mini_batch_size=2", "train.micro_batch_size=8", "eval.num_problems=0",
+        "train.mini_batch_size=2", "train.micro_batch_size=8", "eval.num_problems=0", "batching.reward_balance.tau=null",
         "probes.flip.every=1", f"output.root={tmp_path}", "output.run_name=real", "output.progress=false",
     ])
     tr = Trainer(cfg)
