@@ -2,7 +2,7 @@
 same prompts) with `token_weights.method=none` and with each method given,
 side by side in one process, one after the other.
 
-    python bench/token_weight_overhead.py --steps 4 --methods resrl forking [key=value ...]
+    python bench/token_weight_overhead.py --steps 4 --methods resrl,forking [key=value ...]
 
 Reports per-step means over steps 2..N (step 1 pays warm-up) of the whole step,
 the pre-update forward (ResRL needs second-to-last-layer hidden states, which
@@ -37,11 +37,11 @@ def run(method: str, steps: int, extra: list[str], root: str) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--methods", nargs="+", default=["resrl"])
+    ap.add_argument("--methods", default="resrl", help="comma-separated methods to compare with none")
     ap.add_argument("extra", nargs="*")
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="tw-overhead-")
-    res = {m: run(m, args.steps, args.extra, root) for m in ["none", *args.methods]}
+    res = {m: run(m, args.steps, args.extra, root) for m in ["none", *args.methods.split(",")]}
 
     def mean(rows, key):
         rows = rows[1:] or rows
