@@ -93,16 +93,7 @@ def forking_mask(entropy: torch.Tensor, mask: torch.Tensor, top: float = 0.2) ->
     gives all zeros; top = 1 keeps every valid token. top <= 0 or > 1: ValueError.
     """
     _check_frac("top", top)
-    valid = _check_shapes(entropy, mask)
-    out = torch.zeros(entropy.shape, dtype=torch.float32, device=entropy.device)
-    vals = entropy[valid].float()  # (N_valid,)
-    n = vals.numel()
-    if n == 0:
-        return out
-    k = max(1, _count(top, n))
-    tau = torch.topk(vals, k, sorted=False).values.min()  # k-th largest valid entropy
-    out[valid & (entropy.float() >= tau)] = 1.0  # 1[H_t >= tau_rho]
-    return out
+    return _rank_threshold_mask(entropy, mask, top, largest=True)
 
 
 def forking_low_mask(entropy: torch.Tensor, mask: torch.Tensor, bottom: float = 0.8) -> torch.Tensor:
@@ -117,15 +108,24 @@ def forking_low_mask(entropy: torch.Tensor, mask: torch.Tensor, bottom: float = 
     both; ties at either threshold also overlap.
     """
     _check_frac("bottom", bottom)
+    return _rank_threshold_mask(entropy, mask, bottom, largest=False)
+
+
+def _rank_threshold_mask(entropy: torch.Tensor, mask: torch.Tensor, frac: float, largest: bool) -> torch.Tensor:
+    """Valid tokens at or beyond the k-th largest (largest=True: H >= tau) or k-th
+    smallest (H <= tau) valid entropy, k = max(1, ceil(frac * N_valid)); ties kept.
+    (B, T) float in {0, 1}; all zeros when no token is valid."""
     valid = _check_shapes(entropy, mask)
     out = torch.zeros(entropy.shape, dtype=torch.float32, device=entropy.device)
     vals = entropy[valid].float()  # (N_valid,)
-    n = vals.numel()
-    if n == 0:
+    if vals.numel() == 0:
         return out
-    k = max(1, _count(bottom, n))
-    tau = torch.topk(vals, k, largest=False, sorted=False).values.max()  # k-th smallest
-    out[valid & (entropy.float() <= tau)] = 1.0  # 1[H_t <= tau]
+    k = max(1, _count(frac, vals.numel()))
+    kth = torch.topk(vals, k, largest=largest, sorted=False).values  # the k extreme entropies
+    if largest:
+        out[valid & (entropy.float() >= kth.min())] = 1.0  # 1[H_t >= tau_rho] (80/20 paper)
+    else:
+        out[valid & (entropy.float() <= kth.max())] = 1.0  # 1[H_t <= tau]
     return out
 
 
