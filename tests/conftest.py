@@ -6,6 +6,15 @@ import torch
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny-model ops: one intra-op thread avoids OpenMP stalls on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def digits_file(tmp_path):
     """A data file the tiny random char-level model sometimes answers right: single

@@ -32,14 +32,8 @@ ROLLOUTS = [
 ADV = [1.3, -0.7, 0.9, -1.5]  # one weight per rollout, broadcast to its tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tests run thousands of tiny ops (chunk=1); one intra-op thread avoids
-    OpenMP barrier stalls on a busy 2-core box. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# thousands of tiny ops (chunk=1): one intra-op thread (conftest `one_thread`)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

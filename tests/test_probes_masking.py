@@ -57,13 +57,7 @@ def make_batch(tok, adv=ADV) -> RolloutBatch:
     return RolloutBatch(prompt, pmask, resp, rmask, torch.tensor(gid), pad_id=pad, advantage=torch.tensor(adv, dtype=torch.float32))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny-model ops: one intra-op thread avoids OpenMP stalls on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ from tokencredit.probes.masking import eq2_weights, sgd_step, token_logprobs
 from tokencredit.probes.polarity import adamw_update, polarity_probe, positive_only
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny-model ops: one intra-op thread avoids OpenMP stalls on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
