@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from tokencredit.algo.advantages import group_advantages
 from tokencredit.algo.losses import aggregate, denominator, kl_penalty, loss_mask, masked_mean, policy_loss
 from tokencredit.batch import RolloutBatch
-from tokencredit.batching import PLANNERS
+from tokencredit.batching import PLANNERS, minibatch_metrics
 from tokencredit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tokencredit.config import Config, dump_config
 from tokencredit.probes.flip import flip_records, flip_stats
@@ -250,8 +250,6 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.policy_version)
         t0 = time.perf_counter()
         l_before = self._pre_update_forward(batch, need_hidden=tw_cfg.method == "resrl")
-        if self.ref_model is not None:
-            self._ref_logprob = self._ref_forward(batch)
         t_fwd = time.perf_counter() - t0
 
         stats: dict[str, list[float]] = {}
@@ -268,21 +266,17 @@ class Trainer:
         for epoch in range(cfg.train.ppo_epochs):
             plan = self.planner(batch.group_id, batch.advantage, batch.response_lengths, rows_per_mb, gen)
             if epoch == 0:
-                from tokencredit import batching
-
-                if hasattr(batching, "minibatch_metrics"):
-                    mb_metrics = batching.minibatch_metrics(batch.group_id, batch.advantage, plan)
+                mb_metrics = minibatch_metrics(batch.group_id, batch.advantage, plan)
             for rows in plan:
                 mbatch = batch.select(rows)
                 micro_rows = [list(range(s, min(len(mbatch), s + cfg.train.micro_batch_size))) for s in range(0, len(mbatch), cfg.train.micro_batch_size)]
-                micros = [mbatch.select(r) for r in micro_rows]
                 if tw_cfg.scope == "mini-batch":
                     t = time.perf_counter()
                     mbatch.token_weight, mbatch.advantage, st = self._token_weights(mbatch, gen)
                     tw_time += time.perf_counter() - t
                     _acc(stats, st)
-                    micros = [mbatch.select(r) for r in micro_rows]
-                elif tw_cfg.scope == "micro-batch":
+                micros = [mbatch.select(r) for r in micro_rows]
+                if tw_cfg.scope == "micro-batch":
                     t = time.perf_counter()
                     for u in micros:
                         u.token_weight, u.advantage, st = self._token_weights(u, gen)
