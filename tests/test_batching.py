@@ -189,33 +189,66 @@ def test_balance_need_float_slack():
     assert balance_need(10, 0.3) == 3 and balance_need(8, 0.5) == 4 and balance_need(5, 0.5) == 3
 
 
-def test_select_balanced_rows_takes_oldest_of_each_sign():
-    # rows oldest first: + + + + - -; target 4, tau .5 -> 2 oldest + and 2 oldest -
-    pos, neg = [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1]
-    assert select_balanced(pos, neg, [1] * 6, 4, 0.5) == [0, 1, 4, 5]
-    # odd target at tau .5: 5 rows can never split evenly -> 6 rows
-    pos, neg = [1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]
-    assert select_balanced(pos, neg, [1] * 6, 5, 0.5) == [0, 1, 2, 3, 4, 5]
-    assert select_balanced([1, 1], [0, 0], [1, 1], 2, 0.25) is None  # no negatives at all
-    assert select_balanced([1], [1], [2], 3, 0.0) is None  # too few rows
-    assert select_balanced([1, 1], [0, 0], [1, 1], 2, 0.0) == [0, 1]  # tau 0: oldest prefix
+def test_select_balanced_hand_cases():
+    # rows: + + + + - - (ages 3 2 1 0 0 1), at most 4 rows, tau .5: 2 youngest + and both -
+    pos, neg, age = [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1], [3, 2, 1, 0, 0, 1]
+    assert select_balanced(pos, neg, age, 4, 0.5) == [2, 3, 4, 5]
+    # room for 6 rows but only 2 negatives: 4 rows is the largest set with N+ = N-
+    assert select_balanced(pos, neg, age, 6, 0.5) == [2, 3, 4, 5]
+    # tau .25 on 6 rows: 4+/2- is balanced (need 2 of each) -> everything
+    assert select_balanced(pos, neg, age, 6, 0.25) == [0, 1, 2, 3, 4, 5]
+    # odd limit at tau .5 -> the largest even set
+    assert select_balanced(pos, neg, age, 5, 0.5) == [2, 3, 4, 5]
+    assert select_balanced([1, 1], [0, 0], [0, 0], 2, 0.25) == []  # no negatives at all
+    assert select_balanced([1, 1], [0, 0], [0, 1], 2, 0.0) == [0, 1]  # tau 0: anything goes
+    # groups (pos, neg): fresh 1/7 and 7/1 balance each other; old 4/4 waits for room
+    assert select_balanced([1, 7, 4], [7, 1, 4], [0, 0, 1], 16, 0.5) == [0, 1]
+    assert select_balanced([1, 7, 4], [7, 1, 4], [0, 0, 1], 24, 0.5) == [0, 1, 2]
+    # the embedded default's case: fresh groups 1/7, 1/7, 2/6, 1/7 at tau .25 (need 8 of 32)
+    # -> 2/6 + 1/7 is 3+ of 16 (needs 4), so the largest balanced subset is 2/6 alone
+    assert select_balanced([1, 1, 2, 1], [7, 7, 6, 7], [0, 0, 0, 0], 32, 0.25) == [2]
+    # an old 6/2 group repairs it: 1+1+2+1+6 = 11+/29- of 40 > 32 rows; best <= 32 rows:
+    # 6/2 + 2/6 + 1/7 + 1/7 = 10+/22- (need 8) with total age 8 * 2 = 16
+    assert select_balanced([1, 1, 2, 1, 6], [7, 7, 6, 7, 2], [0, 0, 0, 0, 2], 32, 0.25) == [0, 1, 2, 4]
 
 
-@FAST
+def _brute_force(pos, neg, age, max_rows, tau):
+    """(|B|, total age) of the best set over all 2^U subsets."""
+    import itertools
+
+    best = (0, 0)
+    for r in range(1, len(pos) + 1):
+        for sub in itertools.combinations(range(len(pos)), r):
+            P, N = sum(pos[u] for u in sub), sum(neg[u] for u in sub)
+            m = P + N
+            if 1 <= m <= max_rows and min(P, N) >= balance_need(m, tau):
+                key = (m, -sum((pos[u] + neg[u]) * age[u] for u in sub))
+                best = max(best, key)
+    return best[0], -best[1]
+
+
+@settings(max_examples=150, deadline=None)
 @given(
-    st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=1, max_size=20),
-    st.integers(1, 30), st.sampled_from([0.0, 0.25, 0.4, 0.5]),
+    st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4), st.integers(0, 3)), min_size=1, max_size=8),
+    st.integers(1, 24), st.sampled_from([0.0, 0.25, 1 / 3, 0.4, 0.5]),
 )
-def test_select_balanced_result_is_valid(units, target, tau):
-    units = [(p, n) for p, n in units if p + n > 0]
-    pos, neg = [p for p, _ in units], [n for _, n in units]
-    size = [p + n for p, n in units]
-    pick = select_balanced(pos, neg, size, target, tau)
-    if pick is None:
-        return
-    m = sum(size[u] for u in pick)
+def test_select_balanced_is_optimal_against_brute_force(units, max_rows, tau):
+    """No balanced set of whole units within the size limit is larger than the released
+    one, and none of that size has a smaller total age."""
+    pos, neg, age = [u[0] for u in units], [u[1] for u in units], [u[2] for u in units]
+    pick = select_balanced(pos, neg, age, max_rows, tau)
+    m = sum(pos[u] + neg[u] for u in pick)
     P, N = sum(pos[u] for u in pick), sum(neg[u] for u in pick)
-    assert min(P, N) >= balance_need(m, tau) and target <= m < target + max(size) + 1
+    if pick:
+        assert 1 <= m <= max_rows and min(P, N) >= balance_need(m, tau)
+    assert (m, sum((pos[u] + neg[u]) * age[u] for u in pick)) == _brute_force(pos, neg, age, max_rows, tau)
+
+
+def test_select_balanced_rejects_bad_input():
+    with pytest.raises(ValueError, match="lengths"):
+        select_balanced([1], [1, 2], [0], 4, 0.5)
+    with pytest.raises(ValueError, match="max_rows"):
+        select_balanced([1], [1], [0], 0, 0.5)
 
 
 # ------------------------------------------------------------------ RB buffer
@@ -241,34 +274,48 @@ def groups_of(batch):
 
 
 def test_buffer_hand_worked_release():
-    buf = RewardBalancedBuffer(tau=0.5, target_rows=8, max_age=4)
-    # step 0: g0 all-zero (dropped), g1 3+/1-, g2 3+/1- -> 8 rows, N+ 6, N- 2 < 4: wait
+    buf = RewardBalancedBuffer(tau=0.5, update_rows=8, max_age=4)
+    # step 0: g0 all-zero (dropped), g1 3+/1-, g2 3+/1- -> 8 rows, N+ 6, N- 2: no subset has N+ = N-
     buf.add(make_batch([0] * 4 + [1] * 4 + [2] * 4, [0.0] * 4 + [1, 1, 1, -1] * 2, step=0), 0)
     out, s = buf.pop_update_set(0)
     assert out is None and s["rb_size"] == 8 and s["rb_pos"] == 6 and s["rb_neg"] == 2
-    assert s["rb_dropped_zero_adv"] == 4 and s["rb_waits"] == 1
-    # step 1 reuses group ids 1, 2: g1' 1+/3-, g2' 2+/2-
+    assert s["rb_dropped_zero_adv"] == 4 and s["rb_waits"] == 1 and s["rb_sampled_total"] == 8
+    # step 1 (policy unchanged, so ages stay 0 and 1 apart by version only): g1' 1+/3-, g2' 2+/2-
     buf.add(make_batch([1] * 4 + [2] * 4, [1, -1, -1, -1, 1, 1, -1, -1], step=1), 1)
     out, s = buf.pop_update_set(1)
-    # oldest prefix {g1, g2} has 6+/2-; best repair swaps the youngest (g2) for g1' -> 4+/4-
-    assert sorted(groups_of(out).values()) == [
-        ["s0r4", "s0r5", "s0r6", "s0r7"], ["s1r0", "s1r1", "s1r2", "s1r3"]]
+    # 8-row sets with N+ = N-: {g2', g?} impossible (2+/2- needs another 2+/2-), {g1 or g2, g1'}: 4+/4-
+    # -> one old 3+/1- group (age 1) + g1' (age 0); g1 is older in insertion order but ages tie
     assert s["rb_released_rows"] == 8 and s["rb_released_pos"] == 4 and s["rb_released_neg"] == 4
-    assert s["rb_size"] == 8 and s["rb_waits"] == 0 and s["rb_mean_age"] == 0.5 and s["rb_max_age"] == 1
-    assert out.policy_version.tolist() == [0] * 4 + [1] * 4  # oldest first
-    # remaining g2 (3+/1-) and g2' (2+/2-): 5+/3-, no other rows -> wait
+    assert sorted(out.policy_version.tolist()) == [0] * 4 + [1] * 4
+    assert s["rb_mean_age"] == 0.5 and s["rb_max_age"] == 1 and s["rb_size"] == 8
+    # held: one 3+/1- (age 1) and g2' 2+/2- (age 0): g2' alone is balanced -> released next pop
     out, s = buf.pop_update_set(1)
-    assert out is None and s["rb_pos"] == 5 and s["rb_neg"] == 3
-    # tau 0.25 would have released it: need 2 of each
+    assert out.response_text == ["s1r4", "s1r5", "s1r6", "s1r7"] and s["rb_pos"] == 3 and s["rb_neg"] == 1
+    assert s["rb_released_total"] == 12 and s["rb_utilisation"] == 12 / 16
+    # tau 0.25 releases the last 3+/1- group (need 1 of each)
     buf.tau = 0.25
     out, _ = buf.pop_update_set(1)
-    assert len(out) == 8 and len(buf) == 0
+    assert len(out) == 4 and len(buf) == 0
+
+
+def test_buffer_prefers_fresh_rows_and_fills_up_to_update_rows():
+    buf = RewardBalancedBuffer(tau=0.25, update_rows=8, max_age=4)
+    buf.add(make_batch([0] * 4, [1.0, -1.0, -1.0, -1.0], step=0), 0)  # 1+/3-: balanced alone
+    buf.add(make_batch([0] * 4 + [1] * 4, [1.0, -1.0, -1.0, -1.0] * 2, step=1), 1)
+    out, s = buf.pop_update_set(1)
+    # all three groups are balanced; 8 rows fit: the two fresh (version 1) groups
+    assert out.policy_version.tolist() == [1] * 8 and s["rb_mean_age"] == 0 and len(buf) == 4
+    # next step: one fresh group + the held one fill the 8 rows
+    buf.add(make_batch([0] * 4, [1.0, 1.0, -1.0, -1.0], step=2), 2)
+    out, s = buf.pop_update_set(2)
+    assert sorted(out.policy_version.tolist()) == [0] * 4 + [2] * 4 and s["rb_mean_age"] == 1.0
+    assert len(buf) == 0 and s["rb_utilisation"] == 1.0
 
 
 def test_buffer_does_not_touch_caller_batch_or_logprobs():
     b = make_batch([5, 5, 6, 6], [1.0, -1.0, 1.0, -1.0], step=3)
     before = b.state_dict()
-    buf = RewardBalancedBuffer(tau=0.5, target_rows=4)
+    buf = RewardBalancedBuffer(tau=0.5, update_rows=4)
     buf.add(b, 3)
     assert b.policy_version is None and torch.equal(b.group_id, before["group_id"])
     out, _ = buf.pop_update_set(3)
@@ -278,7 +325,7 @@ def test_buffer_does_not_touch_caller_batch_or_logprobs():
 
 
 def test_buffer_group_ids_unique_across_steps():
-    buf = RewardBalancedBuffer(tau=0.0, target_rows=8)
+    buf = RewardBalancedBuffer(tau=0.0, update_rows=8)
     buf.add(make_batch([0, 0, 1, 1], [1.0, -1.0] * 2, step=0), 0)
     buf.add(make_batch([0, 0, 1, 1], [1.0, -1.0] * 2, step=1), 0)
     out, _ = buf.pop_update_set(0)
@@ -286,14 +333,14 @@ def test_buffer_group_ids_unique_across_steps():
 
 
 def test_buffer_stale_rows_are_dropped():
-    buf = RewardBalancedBuffer(tau=0.5, target_rows=100, max_age=1)
-    buf.add(make_batch([0, 0], [1.0, -1.0], step=0), 0)
-    buf.add(make_batch([0, 0, 0], [1.0, 1.0, -1.0], step=1), 1)
-    _, s = buf.pop_update_set(1)  # age 1 <= max_age: kept
+    buf = RewardBalancedBuffer(tau=0.5, update_rows=100, max_age=1)
+    buf.add(make_batch([0, 0], [1.0, 1.0], step=0), 0)
+    buf.add(make_batch([0, 0, 0], [1.0, 1.0, 1.0], step=1), 1)
+    _, s = buf.pop_update_set(1)  # age 1 <= max_age: kept (nothing balances: no negatives)
     assert s["rb_size"] == 5 and s["rb_dropped_stale"] == 0 and s["rb_buffer_max_age"] == 1
     _, s = buf.pop_update_set(2)  # step-0 rows are 2 versions old
     assert s["rb_size"] == 3 and s["rb_dropped_stale"] == 2
-    buf.add(make_batch([0, 0], [1.0, -1.0], step=4), 4)  # add also drops by the newest version
+    buf.add(make_batch([0, 0], [1.0, 1.0], step=4), 4)  # add also drops by the newest version
     assert len(buf) == 2
     with pytest.raises(ValueError, match="version 4"):
         buf.pop_update_set(3)
@@ -301,36 +348,28 @@ def test_buffer_stale_rows_are_dropped():
 
 def test_buffer_capacity_drops_oldest_whole_groups():
     # versions do not advance while the buffer waits, so only max_rows bounds it
-    buf = RewardBalancedBuffer(tau=0.5, target_rows=4, max_rows=6)
-    for step in range(3):  # 3+/1- groups never balance
+    buf = RewardBalancedBuffer(tau=0.5, update_rows=4, max_rows=6)
+    for step in range(3):  # 3+/1- groups never balance at tau .5
         buf.add(make_batch([0] * 4, [1.0, 1.0, 1.0, -1.0], step=step), 0)
         out, s = buf.pop_update_set(0)
         assert out is None and s["rb_size"] <= 6
     assert s["rb_dropped_overflow"] == 8 and s["rb_dropped_stale"] == 0
     assert buf.pop_update_set(0)[0] is None and len(buf) == 4  # only the newest group is left
-    buf.add(make_batch([0] * 4, [1.0, -1.0, -1.0, -1.0], step=9), 0)  # overflow drops step 2's group
-    assert buf.pop_update_set(0)[0] is None and len(buf) == 4
 
 
-def test_buffer_zero_advantage_handling():
+def test_buffer_drops_zero_training_advantage_rows():
     # group 0 all zero; group 1 mixed with a zero row (non-binary rewards 0, .5, 1)
     b = make_batch([0, 0, 0, 1, 1, 1], [0.0, 0.0, 0.0, -1.0, 0.0, 1.0])
-    keep = RewardBalancedBuffer(tau=1 / 3, target_rows=3, keep_groups=True)
-    keep.add(b, 0)
-    out, s = keep.pop_update_set(0)
-    assert s["rb_dropped_zero_adv"] == 3 and out.response_text == ["s0r3", "s0r4", "s0r5"]
-    rows = RewardBalancedBuffer(tau=0.5, target_rows=2, keep_groups=False)
-    rows.add(b, 0)
-    out, s = rows.pop_update_set(0)
-    assert s["rb_dropped_zero_adv"] == 4 and out.response_text == ["s0r3", "s0r5"]
-    # the kept zero row counts in |B|: 1+/1-/1 zero is unbalanced at tau .5
-    strict = RewardBalancedBuffer(tau=0.5, target_rows=3)
-    strict.add(b, 0)
-    assert strict.pop_update_set(0)[0] is None
+    for keep_groups in (True, False):
+        buf = RewardBalancedBuffer(tau=0.5, update_rows=4, keep_groups=keep_groups)
+        buf.add(b, 0)
+        out, s = buf.pop_update_set(0)
+        assert s["rb_dropped_zero_adv"] == 4 and out.response_text == ["s0r3", "s0r5"]
+        assert s["rb_sampled_total"] == 2 and s["rb_utilisation"] == 1.0
 
 
 def test_buffer_warns_once_when_it_never_balances():
-    buf = RewardBalancedBuffer(tau=0.5, target_rows=4, warn_after=3)
+    buf = RewardBalancedBuffer(tau=0.5, update_rows=4, warn_after=3)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         for v in range(2):
@@ -350,17 +389,17 @@ def test_buffer_state_round_trip(tmp_path):
     from safetensors.torch import load_file, save_file
 
     def fill(buf):
-        buf.add(make_batch([0] * 4 + [1] * 4, [1, 1, 1, -1, 1, 1, -1, -1], step=0), 0)
+        buf.add(make_batch([0] * 4 + [1] * 4, [1, 1, 1, -1, 1, 1, 1, -1], step=0), 0)
         buf.pop_update_set(0)
         buf.add(make_batch([0] * 4 + [1] * 4, [1, -1, -1, -1, 1, 1, 1, -1], step=1), 1)
 
-    a = RewardBalancedBuffer(tau=0.5, target_rows=8)
+    a = RewardBalancedBuffer(tau=0.5, update_rows=8, max_age=4)
     fill(a)
     d = a.state_dict()
     tensors = {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
     save_file(tensors, str(tmp_path / "rb.safetensors"))
     (tmp_path / "rb.json").write_text(json.dumps({k: v for k, v in d.items() if k not in tensors}))
-    b = RewardBalancedBuffer(tau=0.5, target_rows=8)
+    b = RewardBalancedBuffer(tau=0.5, update_rows=8, max_age=4)
     b.load_state_dict({**load_file(str(tmp_path / "rb.safetensors")), **json.loads((tmp_path / "rb.json").read_text())})
     assert len(b) == len(a) == 16
     for v in (1, 2):
@@ -373,18 +412,18 @@ def test_buffer_state_round_trip(tmp_path):
             for k in da:
                 assert torch.equal(da[k], db[k]) if isinstance(da[k], torch.Tensor) else da[k] == db[k]
     assert a.state_dict().keys() == b.state_dict().keys()
-    empty = RewardBalancedBuffer(tau=0.5, target_rows=8)
-    empty.load_state_dict(RewardBalancedBuffer(tau=0.5, target_rows=8).state_dict())
+    empty = RewardBalancedBuffer(tau=0.5, update_rows=8)
+    empty.load_state_dict(RewardBalancedBuffer(tau=0.5, update_rows=8).state_dict())
     assert len(empty) == 0
 
 
 def test_buffer_rejects_bad_config_and_missing_advantage():
     with pytest.raises(ValueError, match="tau"):
-        RewardBalancedBuffer(tau=0.6, target_rows=8)
+        RewardBalancedBuffer(tau=0.6, update_rows=8)
     b = make_batch([0, 0], [1.0, -1.0])
     b.advantage = None
     with pytest.raises(ValueError, match="advantage"):
-        RewardBalancedBuffer(tau=0.5, target_rows=2).add(b, 0)
+        RewardBalancedBuffer(tau=0.5, update_rows=2).add(b, 0)
 
 
 @settings(max_examples=25, deadline=None)
@@ -392,10 +431,10 @@ def test_buffer_rejects_bad_config_and_missing_advantage():
     st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=6), min_size=1, max_size=6),
     st.sampled_from([0.25, 0.5]), st.integers(4, 24), st.booleans(),
 )
-def test_buffer_releases_only_valid_sets_and_conserves_rows(steps, tau, target, keep_groups):
+def test_buffer_releases_only_valid_sets_and_conserves_rows(steps, tau, limit, keep_groups):
     """steps: per rollout step, the number of positive rows in each 4-row group."""
     G = 4
-    buf = RewardBalancedBuffer(tau=tau, target_rows=target, max_age=2, keep_groups=keep_groups, warn_after=100)
+    buf = RewardBalancedBuffer(tau=tau, update_rows=limit, max_age=2, keep_groups=keep_groups, warn_after=100)
     added = released = 0
     for v, groups in enumerate(steps):
         gid = [g for g in range(len(groups)) for _ in range(G)]
@@ -407,7 +446,7 @@ def test_buffer_releases_only_valid_sets_and_conserves_rows(steps, tau, target, 
         if out is not None:
             sign = advantage_sign(out.advantage)
             n_pos, n_neg = int((sign > 0).sum()), int((sign < 0).sum())
-            assert min(n_pos, n_neg) >= tau * len(out) - 1e-9 and len(out) >= target
+            assert min(n_pos, n_neg) >= tau * len(out) - 1e-9 and 1 <= len(out) <= limit
             if keep_groups:
                 assert all(len(rows) == G for rows in groups_of(out).values())
             assert (v - out.policy_version).max() <= 2
@@ -415,3 +454,4 @@ def test_buffer_releases_only_valid_sets_and_conserves_rows(steps, tau, target, 
         dropped = s["rb_dropped_stale"] + s["rb_dropped_zero_adv"] + s["rb_dropped_overflow"]
         assert added == released + s["rb_size"] + dropped
         assert s["rb_size"] <= buf.max_rows
+        assert s["rb_utilisation"] == (released / s["rb_sampled_total"] if s["rb_sampled_total"] else 0.0)

@@ -66,7 +66,11 @@ def test_arithmetic_known_values():
     ]
     assert [x.answer for x in p] == ["13", "9", "11"]  # checked by hand
     assert [x.id for x in p] == ["arith-d1-s0-0", "arith-d1-s0-1", "arith-d1-s0-2"]
-    q = arithmetic_problems(3, seed=0, difficulty=2)
+    r = arithmetic_problems(4, seed=0, difficulty=2)
+    assert [x.prompt.split(".")[0] for x in r] == ["Compute 9 + 14", "Compute 19 - 14", "Compute 7 * 5", "Compute 19 - 2"]
+    assert [x.answer for x in r] == ["23", "5", "35", "17"]  # checked by hand
+    # level 3 (two-digit +/-, level 2 before single-digit + - * was inserted) keeps its problem stream
+    q = arithmetic_problems(3, seed=0, difficulty=3)
     assert [x.prompt for x in q] == [
         "Compute 47 + 63. Put the final answer in \\boxed{}.",
         "Compute 60 - 47. Put the final answer in \\boxed{}.",
@@ -75,7 +79,7 @@ def test_arithmetic_known_values():
     assert [x.answer for x in q] == ["110", "13", "77"]  # checked by hand
 
 
-@pytest.mark.parametrize("difficulty", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 4, 5, 6, 7])
 def test_arithmetic_deterministic_and_seeded(difficulty):
     a = arithmetic_problems(40, seed=7, difficulty=difficulty)
     assert a == arithmetic_problems(40, seed=7, difficulty=difficulty)
@@ -86,7 +90,7 @@ def test_arithmetic_deterministic_and_seeded(difficulty):
     assert all(p.id.startswith(f"arith-d{difficulty}-s7-") for p in a)
 
 
-@pytest.mark.parametrize("difficulty", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 4, 5, 6, 7])
 def test_arithmetic_answers_correct(difficulty):
     for p in arithmetic_problems(200, seed=1, difficulty=difficulty):
         expr = _expression(p)
@@ -99,24 +103,30 @@ def test_arithmetic_levels_shape():
     for p in arithmetic_problems(100, seed=2, difficulty=1):
         a, op, b = _expression(p).split()
         assert op == "+" and 1 <= int(a) <= 9 and 1 <= int(b) <= 9
+    ops2 = set()
     for p in arithmetic_problems(100, seed=2, difficulty=2):
+        a, op, b = _expression(p).split()
+        ops2.add(op)
+        assert op in "+-*" and 1 <= int(a) <= 20 and 1 <= int(b) <= 20 and int(p.answer) >= 0
+    assert ops2 == {"+", "-", "*"}
+    for p in arithmetic_problems(100, seed=2, difficulty=3):
         expr = _expression(p)
         a, op, b = expr.split()
         assert op in "+-" and 1 <= int(a) <= 99 and 1 <= int(b) <= 99 and int(p.answer) >= 0
-    for p in arithmetic_problems(100, seed=2, difficulty=3):
+    for p in arithmetic_problems(100, seed=2, difficulty=4):
         assert len(re.findall(r"\d+", _expression(p))) == 3 and "(" not in p.prompt
-    assert all("(" in _expression(p) for p in arithmetic_problems(50, seed=2, difficulty=4))
-    assert any("/" in _expression(p) for p in arithmetic_problems(50, seed=2, difficulty=6))
+    assert all("(" in _expression(p) for p in arithmetic_problems(50, seed=2, difficulty=5))
+    assert any("/" in _expression(p) for p in arithmetic_problems(50, seed=2, difficulty=7))
 
 
-@pytest.mark.parametrize("bad", [0, 7, -1])
+@pytest.mark.parametrize("bad", [0, 8, -1])
 def test_arithmetic_difficulty_out_of_range(bad):
     with pytest.raises(ValueError, match="difficulty"):
         arithmetic_problems(3, seed=0, difficulty=bad)
 
 
 def test_arithmetic_answers_score_one():
-    for d in (1, 3, 6):
+    for d in (1, 2, 4, 7):
         for p in arithmetic_problems(4, seed=3, difficulty=d):
             assert score(f"The result is \\boxed{{{p.answer}}}.", p.answer) == 1.0
             assert score(f"\\boxed{{{int(p.answer) + 1}}}", p.answer) == 0.0

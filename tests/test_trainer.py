@@ -31,12 +31,15 @@ def test_smoke_every_parameter_changes(digits_file, tmp_path):
     assert (tr.run_dir / "config.yaml").is_file() and (tr.run_dir / "summary.json").is_file()
 
 
-RB_QB = {"batching.planner": "query_preserved", "batching.reward_balance.tau": 0.25, "batching.reward_balance.target_rows": 16}
+# update sets of at most 16 rows from 32-row rollout batches: the buffer holds rows across steps
+RB_QB = {"batching.planner": "query_preserved", "batching.reward_balance.tau": 0.25, "batching.reward_balance.update_rows": 16}
+DS = {"rollout.dynamic_sampling": True, "rollout.max_gen_rounds": 3}
 
 
-@pytest.mark.parametrize("arm", ["plain", "qb_rb"])
+@pytest.mark.parametrize("arm", ["plain", "qb_rb", "ds_qb_rb"])
 def test_resume_reaches_the_same_weights(digits_file, tmp_path, arm):
-    extra = {"train.steps": 4, "output.save_every": 2, "probes.flip.every": 1, **(RB_QB if arm == "qb_rb" else {})}
+    arms = {"plain": {}, "qb_rb": RB_QB, "ds_qb_rb": {**RB_QB, **DS}}
+    extra = {"train.steps": 4, "output.save_every": 2, "probes.flip.every": 1, **arms[arm]}
     a = Trainer(load_config(None, tiny_overrides(digits_file, tmp_path, **extra, **{"output.run_name": "a"})))
     a.train()
     # run b is "killed" after step 2 (it only gets 2 steps), then resumed to 4
@@ -51,9 +54,12 @@ def test_resume_reaches_the_same_weights(digits_file, tmp_path, arm):
     ra, rb = _metrics(a.run_dir), _metrics(b.run_dir)
     assert [r["reward_mean"] for r in ra] == [r["reward_mean"] for r in rb]
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
-    if arm == "qb_rb":  # the buffer held rows across the checkpoint and released them identically
+    if arm != "plain":  # the buffer held rows across the checkpoint and released them identically
         assert [r.get("rb_size") for r in ra] == [r.get("rb_size") for r in rb]
         assert any(r.get("rb_size", 0) > 0 for r in ra[:2])
+    if arm == "ds_qb_rb":  # the prompt cursor came back with the checkpoint
+        assert a.prompt_cursor == b.prompt_cursor >= 16
+        assert [r["ds_gen_rounds"] for r in ra] == [r["ds_gen_rounds"] for r in rb]
 
 
 def test_micro_batch_size_and_checkpointing_do_not_change_the_update(digits_file, tmp_path):
@@ -69,10 +75,72 @@ def test_micro_batch_size_and_checkpointing_do_not_change_the_update(digits_file
         assert torch.allclose(states[0][n], states[1][n], atol=1e-6), n
 
 
-def test_resume_without_checkpoint_is_a_clear_error(digits_file, tmp_path):
-    cfg = load_config(None, tiny_overrides(digits_file, tmp_path, **{"output.run_name": "empty"}))
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        Trainer(cfg, run_dir=tmp_path / "empty", resume=True)
+def test_resume_before_the_first_checkpoint_starts_over(digits_file, tmp_path, capsys):
+    cfg = load_config(None, tiny_overrides(digits_file, tmp_path, **{"output.run_name": "empty", "train.steps": 1}))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5}\n')  # the killed run's tail
+    tr = Trainer(cfg, run_dir=tmp_path / "empty", resume=True)
+    assert "no complete checkpoint yet; starting it from step 0" in capsys.readouterr().out
+    assert tr.rollout_step == 0 and (tmp_path / "empty" / "config.yaml").is_file()
+    tr.train()
+    assert [r["step"] for r in _metrics(tr.run_dir)] == [1]
+
+
+def test_single_response_groups_warn_that_nothing_trains(digits_file, tmp_path):
+    cfg = load_config(None, tiny_overrides(digits_file, tmp_path, **{"output.run_name": "n1", "rollout.n": 1, "train.mini_batch_size": 1}))
+    with pytest.warns(RuntimeWarning, match="rollout.n=1 with algo.adv_estimator=grpo"):
+        Trainer(cfg)
+
+
+@pytest.mark.parametrize("method", ["none", "forking", "w_reinforce", "resrl", "positive_only"])
+@pytest.mark.parametrize("buffer", [False, True])
+def test_flip_probe_with_lr_zero_sees_every_token_stable(digits_file, tmp_path, method, buffer):
+    """Before and after come from one numerical path: a no-op update flips nothing."""
+    if buffer and method == "positive_only":
+        return  # refused at config validation (single polarity never balances)
+    extra = {"output.run_name": f"lr0-{method}-{buffer}", "train.lr": 1e-30, "probes.flip.every": 1, "train.steps": 2,
+             "token_weights.method": method, "train.micro_batch_size": 5,
+             **({**RB_QB, "batching.reward_balance.tau": 0.1} if buffer else {})}  # the tiny model is right ~3%
+    tr = Trainer(load_config(None, tiny_overrides(digits_file, tmp_path, **extra)))
+    tr.optimizer.param_groups[0]["lr"] = 0.0
+    tr.scheduler.base_lrs = [0.0]
+    tr.train()
+    rows = [r for r in _metrics(tr.run_dir) if "flip_all_stable" in r]
+    assert rows, "precondition: at least one update ran the probe"
+    for r in rows:
+        assert r["flip_all_stable"] == 1.0 and r["flip_all_boosted"] == 0.0, r
+
+
+def test_dynamic_sampling_keeps_only_groups_with_signal(digits_file, tmp_path):
+    cfg = load_config(None, tiny_overrides(digits_file, tmp_path, **{"output.run_name": "ds", **DS, "train.steps": 1}))
+    tr = Trainer(cfg)
+    batch, m = tr.rollout()
+    groups = batch.group_id.unique()
+    assert 1 <= m["ds_gen_rounds"] <= 3 and tr.prompt_cursor == 4 * m["ds_gen_rounds"]
+    assert len(groups) == min(4, m["ds_useful_groups"]) and len(batch) == 8 * len(groups)
+    for g in groups:  # every kept group has a nonzero advantage
+        assert (batch.advantage[batch.group_id == g].abs() > 1e-6).any()
+    assert m["ds_surplus_groups"] == max(0, m["ds_useful_groups"] - 4)
+    assert m["ds_short_groups"] == max(0, 4 - m["ds_useful_groups"])
+
+
+def test_w_reinforce_buffer_keeps_all_equal_groups(digits_file, tmp_path):
+    """The buffer sees the advantage that trains: an all-correct group has +lam on every row."""
+    from tokencredit.algo.token_weights import training_advantages
+    from tokencredit.trainer import build_buffer
+
+    cfg = load_config(None, tiny_overrides(digits_file, tmp_path, **{"output.run_name": "wr", **RB_QB,
+                                                                     "token_weights.method": "w_reinforce"}))
+    tr = Trainer(cfg)
+    batch, _ = tr.rollout()
+    assert torch.equal(batch.advantage, training_advantages("w_reinforce", batch.advantage, batch.reward, 0.1))
+    expect = torch.where(batch.reward > 0.5, torch.tensor(0.1), torch.tensor(-1.0))
+    assert torch.equal(batch.advantage, expect)
+    assert tr._groups_all_equal(batch) > 0, "precondition: an all-equal group (GRPO A = 0 there)"
+    buf = build_buffer(cfg)
+    buf.add(batch, 0)
+    _, s = buf.pop_update_set(0)
+    assert s["rb_dropped_zero_adv"] == 0 and s["rb_sampled_total"] == len(batch)
 
 
 @pytest.mark.parametrize("scope", ["micro-batch", "mini-batch", "rollout-batch"])

@@ -15,14 +15,13 @@ Registered by name in `PLANNERS`; the trainer picks one via `batching.planner`.
 `minibatch_metrics` measures what a plan does to cancellation (local per-group
 advantage sums, N+/N- per mini-batch, groups split across optimizer steps).
 
-`RewardBalancedBuffer` holds rollout rows across rollout steps and releases an
-update set B only when min(N+(B), N-(B)) >= tau * |B| (RB). Its selection rule,
+`RewardBalancedBuffer` holds rollout rows across rollout steps and releases the
+largest update set B with min(N+(B), N-(B)) >= tau * |B| (RB), freshest first. Its selection rule,
 maximum age and never-balancing behaviour are this package's design (the paper
 publishes no code); see its docstring and docs/batching.md.
 
-Simplifications: signs use a tolerance (`ZERO_ADV_ATOL`); the RB selection is a
-greedy local search that can, in rare corner cases, wait although a valid set
-exists; mini-batch order is shuffled by every planner.
+Simplifications: signs use a tolerance (`ZERO_ADV_ATOL`); mini-batch order is
+shuffled by every planner. The RB selection is exact (a DP, `select_balanced`).
 
 Try it:
     >>> g = torch.Generator().manual_seed(0)
@@ -33,7 +32,6 @@ Try it:
 
 from __future__ import annotations
 
-import bisect
 import math
 import warnings
 from typing import Any
@@ -245,6 +243,18 @@ def minibatch_metrics(group_id, advantage, minibatches: list[list[int]]) -> dict
     }
 
 
+def groups_with_signal(group_id: torch.Tensor, advantage: torch.Tensor, atol: float = ZERO_ADV_ATOL) -> torch.Tensor:
+    """[B] bool: the row's group has at least one row with nonzero training advantage.
+
+    group_id [B], advantage [B]. DAPO dynamic sampling keeps exactly these groups
+    (verl `algorithm.filter_groups`: all-equal rewards give GRPO A = 0 on every row).
+    """
+    _, inv = torch.unique(group_id.cpu(), return_inverse=True)  # [B]
+    nonzero = advantage_sign(advantage, atol).ne(0).cpu().long()  # [B]
+    has = torch.zeros(int(inv.max()) + 1 if len(inv) else 0, dtype=torch.long).index_add_(0, inv, nonzero) > 0
+    return has[inv]
+
+
 # ---------------------------------------------------------------- reward-balanced buffer
 def balance_need(m: int, tau: float) -> int:
     """Rows of each sign an update set of m rows needs: ceil(tau * m), with 1e-9 slack
@@ -252,125 +262,145 @@ def balance_need(m: int, tau: float) -> int:
     return max(0, math.ceil(tau * m - 1e-9))
 
 
-def select_balanced(pos, neg, size, target_rows: int, tau: float) -> list[int] | None:
-    """Choose units (groups, or single rows) for one reward-balanced update set.
+_INF = 1 << 50  # "unreachable" total age in the selection DP (ages are small integers)
 
-    pos, neg, size: [U] ints per unit (rows with A > 0, A < 0, all rows), units in
-    preference order (oldest first). Returns sorted unit indices whose union B has
-        min(N+(B), N-(B)) >= tau * |B|          (cancellation-hypothesis Sec. 4, RB)
-        target_rows <= |B| <= hi,  hi = max(target_rows + max(size) - 1, m*)
-    (m* = smallest m >= target_rows with 2 ceil(tau m) <= m, e.g. target + 1 for an
-    odd target at tau = 0.5), or None when the search finds no such set.
 
-    Search: start from the shortest oldest-first prefix with |B| >= target_rows; while
-    the violation V = relu(need - N+) + relu(need - N-) (need = ceil(tau |B|)) is
-    positive, apply the move (swap one chosen unit for an unchosen one, add one,
-    or drop one) that lowers V most; ties prefer |B| closest to target_rows, then
-    older units (drop the youngest chosen, add the oldest unchosen). V strictly
-    decreases, so it ends within V_0 moves. Units with equal (size, pos, neg) are
-    interchangeable, so moves are enumerated per unit type, not per unit.
+def select_balanced(pos, neg, age, max_rows: int, tau: float) -> list[int]:
+    """The reward-balanced update set: exact, a pure function of per-unit counts.
+
+    pos, neg, age: [U] ints per unit (a unit is a whole group under QB, else one row):
+    rows with training advantage > 0, rows with < 0, and the unit's age in policy
+    versions (0 = sampled by the current policy). Zero-advantage rows are not units'
+    rows (the buffer drops them). Returns the sorted unit indices of a set B with
+
+        min(N+(B), N-(B)) >= tau * |B|,   1 <= |B| <= max_rows   (paper Sec. 4, RB)
+
+    that (1) maximises |B| = N+ + N-, then (2) minimises the total row age
+    sum_{u in B} (pos_u + neg_u) * age_u; remaining ties go to fewer units of later
+    types. [] when no nonempty balanced set exists.
+
+    Method: units of one type (pos, neg) are interchangeable except for age, so an
+    optimal B takes the youngest k_t of each type t (exchange argument). A DP over
+    types on the state (N+, N-) with N+ + N- <= max_rows keeps the least total age
+    for each reachable state, and argmin k_t per state for the backtrack.
+    Cost: sum_t min(count_t, max_rows // size_t) array updates of the state grid
+    (<= (max_rows + 1)^2 int64): microseconds for the embedded default (32 rows),
+    ~1-3 s at the paper's 1,024 rows with several hundred held groups.
+    Row units (2 types) cost O(max_rows^2) once.
     """
-    P_u, N_u, S_u = [int(x) for x in pos], [int(x) for x in neg], [int(x) for x in size]
-    U = len(S_u)
-    if U == 0 or sum(S_u) < target_rows:
-        return None
-    m_star = target_rows
-    while 2 * balance_need(m_star, tau) > m_star:
-        m_star += 1
-    hi = max(target_rows + max(S_u) - 1, m_star)
+    import numpy as np
 
-    def viol(m: int, p: int, n: int) -> int:
-        need = balance_need(m, tau)
-        return max(0, need - p) + max(0, need - n)
-
-    types: dict[tuple[int, int, int], tuple[list[int], list[int]]] = {}  # type -> (chosen, unchosen), sorted
-    m = p = n = 0
-    for u in range(U):
-        take = m < target_rows
-        types.setdefault((S_u[u], P_u[u], N_u[u]), ([], []))[0 if take else 1].append(u)
-        if take:
-            m, p, n = m + S_u[u], p + P_u[u], n + N_u[u]
-    V = viol(m, p, n)
-    while V > 0:
-        best = None
-        outs = [(t, c[-1]) for t, (c, _) in types.items() if c] + [(None, None)]
-        ins = [(t, w[0]) for t, (_, w) in types.items() if w] + [(None, None)]
-        for t_out, u in outs:
-            for t_in, v in ins:
-                if t_out == t_in:
-                    continue
-                m2 = m - (t_out[0] if t_out else 0) + (t_in[0] if t_in else 0)
-                if not target_rows <= m2 <= hi:
-                    continue
-                p2 = p - (t_out[1] if t_out else 0) + (t_in[1] if t_in else 0)
-                n2 = n - (t_out[2] if t_out else 0) + (t_in[2] if t_in else 0)
-                cost = (v if t_in else 0) - (u if t_out else 0)
-                key = (viol(m2, p2, n2), m2 - target_rows, cost, -1 if u is None else u, -1 if v is None else v)
-                if best is None or key < best[0]:
-                    best = (key, t_out, t_in, m2, p2, n2)
-        if best is None or best[0][0] >= V:
-            return None
-        (V, *_), t_out, t_in, m, p, n = best
-        if t_out:
-            c, w = types[t_out]
-            bisect.insort(w, c.pop())
-        if t_in:
-            c, w = types[t_in]
-            bisect.insort(c, w.pop(0))
-    return sorted(u for c, _ in types.values() for u in c)
+    P_u, N_u, A_u = [int(x) for x in pos], [int(x) for x in neg], [int(x) for x in age]
+    if not len(P_u) == len(N_u) == len(A_u):
+        raise ValueError(f"select_balanced: pos/neg/age lengths differ ({len(P_u)}, {len(N_u)}, {len(A_u)})")
+    if max_rows < 1:
+        raise ValueError(f"select_balanced: max_rows must be >= 1, got {max_rows}")
+    if any(x < 0 for x in P_u + N_u + A_u):
+        raise ValueError("select_balanced: pos, neg and age must be >= 0")
+    types: dict[tuple[int, int], list[int]] = {}
+    for u in range(len(P_u)):
+        if 0 < P_u[u] + N_u[u] <= max_rows:
+            types.setdefault((P_u[u], N_u[u]), []).append(u)
+    if not types:
+        return []
+    keys = sorted(types)
+    for t in keys:  # youngest first, then insertion order
+        types[t].sort(key=lambda u: (A_u[u], u))
+    Pmax = min(max_rows, sum(t[0] * len(types[t]) for t in keys))
+    Nmax = min(max_rows, sum(t[1] * len(types[t]) for t in keys))
+    cost = np.full((Pmax + 1, Nmax + 1), _INF, dtype=np.int64)  # (P+1, N+1) least total age
+    cost[0, 0] = 0
+    choices = []
+    for t in keys:
+        p, n = t
+        members = types[t]
+        kmax = min(len(members), max_rows // (p + n))
+        prefix = np.cumsum([0] + [(p + n) * A_u[u] for u in members[:kmax]])  # (kmax+1,)
+        best = cost.copy()
+        pick = np.zeros(cost.shape, dtype=np.int32)
+        for k in range(1, kmax + 1):
+            dp, dn = k * p, k * n
+            if dp > Pmax or dn > Nmax:
+                break
+            cand = cost[: Pmax + 1 - dp, : Nmax + 1 - dn] + int(prefix[k])  # (P+1-dp, N+1-dn)
+            tgt = best[dp:, dn:]
+            better = cand < tgt
+            tgt[better] = cand[better]
+            pick[dp:, dn:][better] = k
+        cost = best
+        choices.append(pick)
+    P, N = np.meshgrid(np.arange(Pmax + 1), np.arange(Nmax + 1), indexing="ij")  # (P+1, N+1)
+    M = P + N
+    need = np.ceil(tau * M - 1e-9).astype(np.int64)
+    ok = (cost < _INF) & (M >= 1) & (M <= max_rows) & (np.minimum(P, N) >= need)
+    if not ok.any():
+        return []
+    m_best = int(M[ok].max())
+    ok &= M == m_best
+    c_best = int(cost[ok].min())
+    ok &= cost == c_best
+    cand = np.argwhere(ok)  # rows (P, N), sorted: the most balanced, then fewer positives
+    cand = sorted(cand.tolist(), key=lambda x: (abs(x[0] - x[1]), x[0]))
+    p_cur, n_cur = cand[0]
+    out: list[int] = []
+    for t, pick in zip(reversed(keys), reversed(choices)):
+        k = int(pick[p_cur, n_cur])
+        out.extend(types[t][:k])
+        p_cur, n_cur = p_cur - k * t[0], n_cur - k * t[1]
+    assert p_cur == 0 and n_cur == 0, "select_balanced: backtrack did not reach the empty set"
+    return sorted(out)
 
 
 class RewardBalancedBuffer:
-    """Reward-balanced batching (cancellation-hypothesis Sec. 4, RB): rows accumulate
-    across rollout steps; an update set B is released only when
-        min(N+(B), N-(B)) >= tau * |B|   and   |B| >= target_rows.
+    """Reward-balanced batching (cancellation-hypothesis Sec. 4, RB): rollout rows
+    accumulate across rollout steps, and an update set B is released only when
+        min(N+(B), N-(B)) >= tau * |B|.
 
-    Design (ours; the paper publishes no code):
-      * add(batch, v): rows must carry `advantage`; `policy_version` is set to v on
-        a copy (the caller's batch is untouched; old_logprob / sample_logprob are
-        never altered, so stale rows keep their sampling-time log-probs).
-        group_id is renumbered to buffer-unique ids (ids restart every rollout step).
-      * zero advantage (|A| <= ZERO_ADV_ATOL) carries no gradient. keep_groups=True:
-        a group whose rows are all zero is dropped; a group with any nonzero row is
-        kept whole, zero rows included (none occur in mixed groups under GRPO with
-        binary rewards), and such rows count in |B|. keep_groups=False: every zero
-        row is dropped. Dropped rows: `rb_dropped_zero_adv`.
-      * stale: a row with now - row.policy_version > max_age is dropped
-        (`rb_dropped_stale`); now = the newest version seen by add or pop.
-      * capacity: versions only advance when the trainer updates, so a buffer that
-        never balances would never age; beyond max_rows (default
-        (max_age + 1) * target_rows) the oldest units are dropped
+    The buffer *defers* an update until it is balanced; it is not there to shrink or
+    age it (METHODS.md section 2). Design (ours; the paper publishes no code):
+
+      * add(batch, v): rows carry the advantage that trains (`batch.advantage`,
+        after any sample-polarity transform). Rows whose training advantage is zero
+        carry no gradient and are dropped on entry (`rb_dropped_zero_adv`). A copy
+        is stored with `policy_version` = v; the caller's batch is untouched.
+      * units: whole groups (keep_groups=True, query-preserved compatible; a
+        group's zero-advantage rows are the only rows it loses) or single rows.
+      * pop_update_set(now): releases the largest balanced set of whole units with
+        |B| <= update_rows, and among those the one with the least total row age
+        (`select_balanced`, exact). So fresh units train first, held units fill in
+        only where they keep or repair balance or there is room, and a row is held
+        back only when the balance rule or the size limit forces it.
+      * ageing: rows older than `max_age` policy versions are dropped
+        (`rb_dropped_stale`); beyond `max_rows` held rows (default
+        (max_age + 1) * update_rows) the oldest units are dropped
         (`rb_dropped_overflow`). Memory is bounded either way.
-      * selection (`select_balanced`): units are whole groups (keep_groups=True,
-        query-preserved compatible) or single rows, oldest first; the released set
-        is the oldest-first prefix reaching target_rows, repaired by greedy swaps
-        of minority/majority-sign units. |B| is target_rows rounded up to whole
-        units (at most target_rows + largest unit - 1). The rest stays buffered.
       * never balancing: no fallback, an unbalanced set is never released. After
         `warn_after` consecutive pops without a release a RuntimeWarning fires once
         (again only after a later release and a new run of waits); the trainer
         keeps sampling.
-      * stats are floats; rb_dropped_* and rb_released_total are cumulative since
-        construction (checkpointed); rb_mean_age / rb_max_age describe the released
+      * stats are floats. rb_dropped_*, rb_released_total, rb_sampled_total are
+        cumulative (checkpointed); rb_utilisation = rows trained / nonzero-advantage
+        rows sampled, cumulative; rb_mean_age / rb_max_age describe the released
         rows (0 when none), rb_buffer_max_age the rows still held.
     """
 
-    def __init__(self, tau: float, target_rows: int, max_age: int = 4, keep_groups: bool = True,
+    def __init__(self, tau: float, update_rows: int, max_age: int = 2, keep_groups: bool = True,
                  warn_after: int = 8, max_rows: int | None = None):
         if not 0.0 <= tau <= 0.5:
             raise ValueError(f"RewardBalancedBuffer: tau must be in [0, 0.5] (paper: 0.25 or 0.5), got {tau}")
-        max_rows = (max_age + 1) * target_rows if max_rows is None else max_rows
-        if target_rows < 1 or max_age < 0 or warn_after < 1 or max_rows < target_rows:
+        max_rows = (max_age + 1) * update_rows if max_rows is None else max_rows
+        if update_rows < 1 or max_age < 0 or warn_after < 1 or max_rows < update_rows:
             raise ValueError(
-                "RewardBalancedBuffer: need target_rows >= 1, max_age >= 0, warn_after >= 1, max_rows >= target_rows; "
-                f"got {target_rows}, {max_age}, {warn_after}, {max_rows}"
+                "RewardBalancedBuffer: need update_rows >= 1, max_age >= 0, warn_after >= 1, max_rows >= update_rows; "
+                f"got {update_rows}, {max_age}, {warn_after}, {max_rows}"
             )
-        self.tau, self.target_rows, self.max_age = float(tau), int(target_rows), int(max_age)
+        self.tau, self.update_rows, self.max_age = float(tau), int(update_rows), int(max_age)
         self.keep_groups, self.warn_after, self.max_rows = bool(keep_groups), int(warn_after), int(max_rows)
         self._rows: RolloutBatch | None = None
         self._seq = torch.zeros(0, dtype=torch.long)  # [N] insertion order of held rows
         self._counters = dict(next_gid=0, next_seq=0, latest_version=-(2**62), waits=0, warned=0,
-                              dropped_stale=0, dropped_zero_adv=0, dropped_overflow=0, released_total=0)
+                              dropped_stale=0, dropped_zero_adv=0, dropped_overflow=0, released_total=0,
+                              sampled_total=0)
 
     def __len__(self) -> int:
         return 0 if self._rows is None else len(self._rows)
@@ -389,13 +419,9 @@ class RewardBalancedBuffer:
         rows.group_id = (inv + c["next_gid"]).to(torch.long)
         rows.policy_version = torch.full((len(rows),), int(policy_version), dtype=torch.long, device=inv.device)
         c["next_gid"] += n_groups
-        nonzero = advantage_sign(rows.advantage).ne(0).cpu()
-        if self.keep_groups:
-            has_nonzero = torch.zeros(n_groups, dtype=torch.long).index_add_(0, inv.cpu(), nonzero.long()) > 0
-            keep = has_nonzero[inv.cpu()]
-        else:
-            keep = nonzero
+        keep = advantage_sign(rows.advantage).ne(0).cpu()  # [B] rows that carry gradient
         c["dropped_zero_adv"] += int((~keep).sum())
+        c["sampled_total"] += int(keep.sum())
         c["latest_version"] = max(c["latest_version"], int(policy_version))
         if keep.any():
             idx = keep.nonzero().squeeze(1)
@@ -460,9 +486,11 @@ class RewardBalancedBuffer:
             sign = advantage_sign(self._rows.advantage).cpu()
             pos = torch.bincount(inv, weights=(sign > 0).double(), minlength=U)[order].long()
             neg = torch.bincount(inv, weights=(sign < 0).double(), minlength=U)[order].long()
-            # min(N+(B), N-(B)) >= tau |B|, |B| >= target_rows  (cancellation-hypothesis Sec. 4)
-            pick = select_balanced(pos, neg, size, self.target_rows, self.tau)
-            if pick is not None:
+            version = torch.full((U,), 2**62, dtype=torch.long).scatter_reduce(
+                0, inv, self._rows.policy_version.cpu(), "amin")[order]
+            # min(N+(B), N-(B)) >= tau |B|, |B| <= update_rows  (cancellation-hypothesis Sec. 4)
+            pick = select_balanced(pos, neg, now - version, self.update_rows, self.tau)
+            if pick:
                 rank = torch.empty(U, dtype=torch.long)
                 rank[order] = torch.arange(U)
                 row_rank = rank[inv]  # [N] position of each row's unit, oldest first
@@ -480,7 +508,7 @@ class RewardBalancedBuffer:
                 warnings.warn(
                     f"RewardBalancedBuffer: no update set released for {c['waits']} consecutive pops; it may never "
                     f"balance (held {len(self)} rows, N+={p}, N-={n}, tau={self.tau}, "
-                    f"target_rows={self.target_rows}). Lower tau (e.g. 0.25), sample larger rollout batches, "
+                    f"update_rows={self.update_rows}). Lower tau (e.g. 0.25), sample larger rollout batches, "
                     "or use a task whose pass rate is further from 0 and 1.",
                     RuntimeWarning,
                     stacklevel=2,
@@ -510,6 +538,8 @@ class RewardBalancedBuffer:
             "rb_released_pos": float((rel_sign > 0).sum()),
             "rb_released_neg": float((rel_sign < 0).sum()),
             "rb_released_total": float(c["released_total"]),
+            "rb_sampled_total": float(c["sampled_total"]),
+            "rb_utilisation": c["released_total"] / c["sampled_total"] if c["sampled_total"] else 0.0,
             "rb_dropped_stale": float(c["dropped_stale"]),
             "rb_dropped_zero_adv": float(c["dropped_zero_adv"]),
             "rb_dropped_overflow": float(c["dropped_overflow"]),

@@ -23,6 +23,19 @@ class ConfigError(ValueError):
     """A bad config file, key or value. The message is meant for the user as is."""
 
 
+# keys that changed meaning: one line saying what to do instead
+RENAMED = {
+    "batching.reward_balance.target_rows": (
+        "batching.reward_balance.target_rows was removed: the buffer now releases the largest balanced set up to "
+        "batching.reward_balance.update_rows rows (default: the whole rollout batch); rename the key to update_rows "
+        "or delete it"
+    ),
+}
+
+# token-weight methods whose training advantages all share one sign: never reward-balanced
+SINGLE_POLARITY = ("psr", "nsr", "positive_only", "negative_only")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -38,7 +51,7 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     train: str = Field("arithmetic", description="'arithmetic' (built-in, seeded, verifiable) or a .jsonl/.parquet file with prompt (or problem) and answer fields.")
-    difficulty: int = Field(1, ge=1, le=6, description="Difficulty of the built-in arithmetic task: 1 = single-digit sums (right for a 135M model), 2 = two-digit +/-, ... 6 = nested expressions with exact division (table in tokencredit/data/arithmetic.py).")
+    difficulty: int = Field(1, ge=1, le=7, description="Difficulty of the built-in arithmetic task: 1 = single-digit sums (SmolLM2-135M saturates it within 10 steps), 2 = + - * on numbers up to 20 (starts at ~21% held-out: the batching ablation), 3 = two-digit +/-, ... 7 = nested expressions with exact division (table in tokencredit/data/arithmetic.py).")
     num_train: int = Field(2000, gt=0, description="Number of generated arithmetic training problems (ignored for files).")
     prompt_field: Optional[str] = Field(None, description="Prompt column of a data file (default: 'prompt', else 'problem').")
     answer_field: str = Field("answer", description="Answer column of a data file.")
@@ -49,12 +62,14 @@ class DataConfig(_Section):
 
 class RolloutConfig(_Section):
     backend: Literal["hf"] = Field("hf", description="Generation engine: 'hf' (transformers.generate). vLLM arrives with its own issue.")
-    prompts_per_step: int = Field(8, gt=0, description="Prompts per rollout step (paper: 128).")
-    n: int = Field(4, gt=0, description="Responses per prompt, the group size G (paper: 8).")
+    prompts_per_step: int = Field(4, gt=0, description="Prompts per rollout step (paper: 128).")
+    n: int = Field(8, gt=0, description="Responses per prompt, the group size G (paper: 8).")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (paper: 1.0). Log-probs and entropies in training use the same temperature. 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
     max_new_tokens: int = Field(32, gt=0, description="Maximum response length in tokens; longer responses are truncated (and marked unfinished).")
     gen_batch_size: int = Field(32, gt=0, description="Rows generated at once by the HF backend.")
+    dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling (verl algorithm.filter_groups; the 80/20 paper's setup): drop groups whose training advantages are all zero (all-equal rewards under GRPO) and sample further prompts until prompts_per_step useful groups are collected; surplus groups of the last round are discarded (counted). The reward-balanced buffer, if on, selects from the result.")
+    max_gen_rounds: int = Field(4, gt=0, description="Dynamic sampling: at most this many generation rounds of prompts_per_step prompts per rollout step (verl max_num_gen_batches); when reached, the step trains on the useful groups it has.")
 
 
 class AlgoConfig(_Section):
@@ -82,16 +97,23 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up in optimizer steps.")
     grad_clip: float = Field(1.0, gt=0.0, description="Max global grad norm per optimizer step.")
     ppo_epochs: int = Field(1, gt=0, description="Passes over each update set.")
-    mini_batch_size: int = Field(4, gt=0, description="Prompts per optimizer step (rows = mini_batch_size * rollout.n). Paper: 32 of 128 -> 4 optimizer steps per rollout batch.")
+    mini_batch_size: int = Field(2, gt=0, description="Prompts per optimizer step (rows = mini_batch_size * rollout.n). Paper: 32 of 128 -> 4 optimizer steps per rollout batch.")
     micro_batch_size: int = Field(16, gt=0, description="Rows per forward/backward (gradient accumulation inside a mini-batch; does not change the gradient).")
     seed: int = Field(0, description="Seed for data order, sampling, planners and probes.")
 
 
 class RewardBalanceConfig(_Section):
-    tau: Optional[float] = Field(0.25, ge=0.0, le=0.5, description="Reward-balanced batching (cancellation paper Sec. 4): release an update set only when min(N+, N-) >= tau*|B|. None = off; paper: 0.5 or 0.25.")
-    target_rows: Optional[int] = Field(16, gt=0, description="Rows per released update set (None = one rollout batch, prompts_per_step * n). Rows of all-equal-reward groups are dropped on entry, so a full rollout batch's worth usually takes more than one rollout step to collect.")
-    max_age: int = Field(4, ge=0, description="Rows older than this many policy versions are dropped from the buffer (and counted).")
+    tau: Optional[float] = Field(0.25, ge=0.0, le=0.5, description="Reward-balanced batching (cancellation paper Sec. 4): each rollout step releases the largest update set B with min(N+, N-) >= tau*|B| (N+/N-: rows whose training advantage is > 0 / < 0), freshest rows first; the rest waits in a buffer. None = off; paper: 0.5 (Qwen2.5-Math-7B, Qwen3-4B) or 0.25 (Qwen3-1.7B). With n=4 and tau=0.25 every mixed group is already balanced, so RB only drops all-equal groups (docs/batching.md).")
+    update_rows: Optional[int] = Field(None, gt=0, description="Largest update set released per rollout step, in rows (None = the rollout batch, prompts_per_step * n). Optimizer steps per release follow from train.mini_batch_size.")
+    max_age: int = Field(2, ge=0, description="Held rows older than this many policy versions are dropped (counted as rb_dropped_stale); they train with their sampling-time log-probs in the importance ratio.")
     warn_after: int = Field(8, gt=0, description="Warn when this many consecutive rollout steps release nothing.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "target_rows" in data:
+            raise ValueError(RENAMED["batching.reward_balance.target_rows"])
+        return data
 
 
 class BatchingConfig(_Section):
@@ -164,6 +186,13 @@ class Config(_Section):
             raise ValueError(f"token_weights.method {self.token_weights.method!r} is unknown; valid: {', '.join(TOKEN_WEIGHT_METHODS.names())}")
         if self.eval.k is not None and self.eval.k > self.eval.n:
             raise ValueError(f"eval.k ({self.eval.k}) must be <= eval.n ({self.eval.n})")
+        rb = self.batching.reward_balance
+        if rb.tau is not None and rb.tau > 0 and self.token_weights.method in SINGLE_POLARITY:
+            raise ValueError(
+                f"token_weights.method={self.token_weights.method} trains on one advantage sign only, so a "
+                f"reward-balanced set (batching.reward_balance.tau={rb.tau}) can never form; set "
+                "batching.reward_balance.tau=null"
+            )
         lo, hi = self.token_weights.band
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"token_weights.band must satisfy 0 <= lo < hi <= 1 (got {self.token_weights.band})")
@@ -195,6 +224,8 @@ def option_help() -> list[tuple[str, str, str]]:
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     valid = _leaf_paths(Config)
     parts = key.split(".")
+    if key in RENAMED:
+        raise ConfigError(f"config: {RENAMED[key]}")
     if key not in valid:
         # allow setting a whole section only via YAML, not here
         close = difflib.get_close_matches(key, list(valid), n=1)
@@ -226,7 +257,7 @@ def _format_validation(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc, list(_leaf_paths(Config)), n=1)
             msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")

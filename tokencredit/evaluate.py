@@ -314,7 +314,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512, help="response length limit in tokens (default: %(default)s)")
     p.add_argument("--gen-batch-size", type=int, default=32, help="rows generated at once (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="first N problems of each file; for arithmetic the number of problems (default: all / 100)")
-    p.add_argument("--difficulty", type=int, default=1, help="arithmetic difficulty 1-5 (default: %(default)s)")
+    p.add_argument("--difficulty", type=int, default=1, help="arithmetic difficulty 1-7 (table in tokencredit/data/arithmetic.py; default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; also picks the arithmetic problems (default: %(default)s)")
     p.add_argument("--system-prompt", default=None, help="system message for the chat template (default: the template's own)")
     p.add_argument("--prompt-field", default=None, help="question column of data files (default: prompt, else problem)")
@@ -347,8 +347,8 @@ def _check_args(args) -> int:
         raise ConfigError("--max-new-tokens and --gen-batch-size must be >= 1")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
-    if args.difficulty not in range(1, 6):
-        raise ConfigError(f"--difficulty must be 1..5, got {args.difficulty}")
+    if args.difficulty not in range(1, 8):
+        raise ConfigError(f"--difficulty must be 1..7, got {args.difficulty}")
     return k
 
 

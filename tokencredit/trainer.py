@@ -24,6 +24,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from tqdm.auto import tqdm
 from tokencredit.algo.advantages import group_advantages
 from tokencredit.algo.losses import aggregate, denominator, kl_penalty, loss_mask, masked_mean, policy_loss
 from tokencredit.batch import RolloutBatch
-from tokencredit.batching import PLANNERS, minibatch_metrics
+from tokencredit.algo.token_weights import SAMPLE_POLARITY_METHODS, training_advantages
+from tokencredit.batching import PLANNERS, RewardBalancedBuffer, groups_with_signal, minibatch_metrics
 from tokencredit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tokencredit.config import Config, dump_config
 from tokencredit.probes.flip import flip_records, flip_stats
@@ -46,6 +48,25 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def build_buffer(cfg: Config) -> RewardBalancedBuffer | None:
+    """The run's reward-balanced buffer (None when batching.reward_balance.tau is null).
+    Units are whole groups under query-preserved batching and for ResRL (whose
+    subspaces are per group); single rows otherwise."""
+    rb = cfg.batching.reward_balance
+    if rb.tau is None:
+        return None
+    return RewardBalancedBuffer(
+        tau=rb.tau, update_rows=rb.update_rows or cfg.rollout.prompts_per_step * cfg.rollout.n, max_age=rb.max_age,
+        keep_groups=cfg.batching.planner == "query_preserved" or cfg.token_weights.method == "resrl",
+        warn_after=rb.warn_after,
+    )
+
+
+def rows_per_minibatch(cfg: Config) -> int:
+    """Rows per optimizer step: train.mini_batch_size prompts x rollout.n responses."""
+    return cfg.train.mini_batch_size * cfg.rollout.n
 
 
 @dataclass
@@ -105,18 +126,17 @@ class Trainer:
         )
         warm = cfg.train.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
-        self.buffer = None
-        if cfg.batching.reward_balance.tau is not None:
-            from tokencredit.batching import RewardBalancedBuffer
-
-            rb = cfg.batching.reward_balance
-            self.buffer = RewardBalancedBuffer(
-                tau=rb.tau, target_rows=rb.target_rows or cfg.rollout.prompts_per_step * cfg.rollout.n, max_age=rb.max_age,
-                keep_groups=cfg.batching.planner == "query_preserved", warn_after=rb.warn_after,
+        self.buffer = build_buffer(cfg)
+        if cfg.rollout.n == 1 and cfg.algo.adv_estimator in ("grpo", "drgrpo", "rloo") and cfg.token_weights.method not in SAMPLE_POLARITY_METHODS:
+            warnings.warn(
+                f"rollout.n=1 with algo.adv_estimator={cfg.algo.adv_estimator}: a group of one response has advantage 0, "
+                "so nothing will train; set rollout.n >= 2", RuntimeWarning, stacklevel=2,
             )
 
         # ---- counters (all restored on resume)
-        self.rollout_step = 0  # rollout steps done (data pointer)
+        self.rollout_step = 0  # rollout steps done
+        self.prompt_cursor = 0  # training prompts consumed (data pointer; dynamic sampling takes extra rounds)
+        self.ds_surplus_total = 0  # dynamic sampling: useful groups sampled beyond the batch and discarded
         self.policy_version = 0  # update sets applied
         self.optim_steps = 0
         self.tokens_generated = 0
@@ -148,11 +168,19 @@ class Trainer:
         return prompts, answers
 
     def _prompt_indices(self, step: int) -> list[int]:
-        """Prompts of rollout step `step`: a deterministic function of (seed, step),
-        so a resumed run sees exactly the prompts an uninterrupted one would."""
-        k, n = self.cfg.rollout.prompts_per_step, len(self.prompts)
+        """Prompts of rollout step `step` when every step takes one round of
+        prompts_per_step prompts (no dynamic sampling)."""
+        k = self.cfg.rollout.prompts_per_step
+        return self._prompt_range(step * k, k)
+
+    def _prompt_range(self, start: int, count: int) -> list[int]:
+        """Training prompts number start .. start+count-1 of the (seeded, per-epoch
+        shuffled) prompt stream: a deterministic function of (seed, position), so a
+        resumed run (the cursor is checkpointed) sees exactly the prompts an
+        uninterrupted one would."""
+        n = len(self.prompts)
         out = []
-        for j in range(step * k, (step + 1) * k):
+        for j in range(start, start + count):
             epoch, pos = divmod(j, n)
             out.append(self._epoch_order(epoch)[pos] if self.cfg.data.shuffle else pos)
         return out
@@ -187,34 +215,73 @@ class Trainer:
         return self.cfg.rollout.temperature if self.cfg.rollout.temperature > 0 else 1.0
 
     # ------------------------------------------------------------- rollout
-    def rollout(self) -> tuple[RolloutBatch, dict[str, float]]:
+    def _sample(self, idx: list[int]) -> tuple[RolloutBatch, float, float]:
+        """Generate n responses for prompts `idx`, score them, and attach the group
+        advantages and the advantages that train. Returns (batch, gen_s, reward_s)."""
         cfg = self.cfg
-        idx = self._prompt_indices(self.rollout_step)
         t0 = time.perf_counter()
         batch = generate_hf(
             self.model, self.tokenizer, [self.prompts[i] for i in idx], n=cfg.rollout.n,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
-            gen_batch_size=cfg.rollout.gen_batch_size, group_offset=self.rollout_step * cfg.rollout.prompts_per_step,
+            gen_batch_size=cfg.rollout.gen_batch_size, group_offset=self.prompt_cursor,
             answers=[self.answers[i] for i in idx],
         )
         t1 = time.perf_counter()
         batch.reward = torch.tensor(self.verifier(batch.response_text, batch.answer), dtype=torch.float32)
         t2 = time.perf_counter()
-        batch.advantage = group_advantages(batch.reward, batch.group_id, cfg.algo.adv_estimator, cfg.algo.adv_eps)
+        adv = group_advantages(batch.reward, batch.group_id, cfg.algo.adv_estimator, cfg.algo.adv_eps)
+        # sample-polarity methods decide which rows train: the buffer and dynamic sampling see that advantage
+        batch.advantage = training_advantages(cfg.token_weights.method, adv, batch.reward, cfg.token_weights.lam)
         batch.policy_version = torch.full((len(batch),), self.policy_version, dtype=torch.long)
         batch.prompt_index = torch.tensor(idx, dtype=torch.long).repeat_interleave(cfg.rollout.n)
-        ntok = batch.num_tokens
+        self.prompt_cursor += len(idx)
+        return batch, t1 - t0, t2 - t1
+
+    def rollout(self) -> tuple[RolloutBatch, dict[str, float]]:
+        """One rollout step: prompts_per_step prompts x n responses, or, with
+        rollout.dynamic_sampling, as many rounds (<= max_gen_rounds) as it takes to
+        collect prompts_per_step groups with a nonzero training advantage."""
+        cfg = self.cfg
+        k = cfg.rollout.prompts_per_step
+        rounds, t_gen, t_rew, parts = 0, 0.0, 0.0, []
+        useful = 0
+        while True:
+            batch, tg, tr = self._sample(self._prompt_range(self.prompt_cursor, k))
+            rounds, t_gen, t_rew = rounds + 1, t_gen + tg, t_rew + tr
+            parts.append(batch)
+            if not cfg.rollout.dynamic_sampling:
+                break
+            useful += int(groups_with_signal(batch.group_id, batch.advantage).sum()) // cfg.rollout.n
+            if useful >= k or rounds >= cfg.rollout.max_gen_rounds:
+                break
+        sampled = parts[0] if len(parts) == 1 else RolloutBatch.concat(parts)
+        ntok = sampled.num_tokens
         self.tokens_generated += ntok
         m = {
-            "reward_mean": float(batch.reward.mean()),
-            "response_len_mean": ntok / len(batch),
-            "finished_frac": sum(batch.finished) / len(batch),
-            "groups_all_equal": float(self._groups_all_equal(batch)),
-            "time_generate_s": t1 - t0,
-            "time_reward_s": t2 - t1,
-            "gen_tokens_per_s": ntok / max(t1 - t0, 1e-9),
+            "reward_mean": float(sampled.reward.mean()),
+            "response_len_mean": ntok / len(sampled),
+            "finished_frac": sum(sampled.finished) / len(sampled),
+            "groups_all_equal": float(self._groups_all_equal(sampled)),
+            "time_generate_s": t_gen,
+            "time_reward_s": t_rew,
+            "gen_tokens_per_s": ntok / max(t_gen, 1e-9),
         }
-        return batch, m
+        if not cfg.rollout.dynamic_sampling:
+            return sampled, m
+        keep = groups_with_signal(sampled.group_id, sampled.advantage)  # [B] rows of useful groups
+        gids = sampled.group_id[keep].unique_consecutive().tolist()  # useful groups in sampling order
+        kept_groups = torch.tensor(gids[:k], dtype=torch.long)
+        self.ds_surplus_total += max(0, len(gids) - k)
+        m.update({
+            "ds_gen_rounds": float(rounds),
+            "ds_useful_groups": float(len(gids)),
+            "ds_dropped_groups": float(len(sampled) // cfg.rollout.n - len(gids)),
+            "ds_surplus_groups": float(max(0, len(gids) - k)),
+            "ds_surplus_groups_total": float(self.ds_surplus_total),
+            "ds_short_groups": float(max(0, k - len(gids))),
+        })
+        rows = torch.isin(sampled.group_id, kept_groups).nonzero().squeeze(1)
+        return sampled.select(rows), m
 
     @staticmethod
     def _groups_all_equal(batch: RolloutBatch) -> float:
@@ -248,18 +315,26 @@ class Trainer:
         cfg = self.cfg
         tw_cfg = cfg.token_weights
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.policy_version)
+        pf = cfg.probes.flip
+        probe = pf.every > 0 and (self.policy_version + 1) % pf.every == 0
         t0 = time.perf_counter()
-        l_before = self._pre_update_forward(batch, need_hidden=tw_cfg.method == "resrl")
+        # the flip probe's reference: the same forward, padding and row composition as its "after"
+        l_before = self._forward_rows(batch, with_entropy=False)["logprob"] if probe else None
+        t_probe = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._pre_update_forward(batch, need_hidden=tw_cfg.method == "resrl")
         t_fwd = time.perf_counter() - t0
 
         stats: dict[str, list[float]] = {}
         tw_time = 0.0
-        if tw_cfg.scope == "rollout-batch":
+        # ResRL's subspaces are per whole group: always built over the whole update set
+        whole_set = tw_cfg.scope == "rollout-batch" or tw_cfg.method == "resrl"
+        if whole_set:
             t = time.perf_counter()
             batch.token_weight, batch.advantage, st = self._token_weights(batch, gen)
             tw_time += time.perf_counter() - t
             _acc(stats, st)
-        rows_per_mb = cfg.train.mini_batch_size * cfg.rollout.n
+        rows_per_mb = rows_per_minibatch(cfg)
         count_zero = tw_cfg.denominator == "all"
         t_upd = time.perf_counter()
         mb_metrics = {}
@@ -270,13 +345,13 @@ class Trainer:
             for rows in plan:
                 mbatch = batch.select(rows)
                 micro_rows = [list(range(s, min(len(mbatch), s + cfg.train.micro_batch_size))) for s in range(0, len(mbatch), cfg.train.micro_batch_size)]
-                if tw_cfg.scope == "mini-batch":
+                if tw_cfg.scope == "mini-batch" and not whole_set:
                     t = time.perf_counter()
                     mbatch.token_weight, mbatch.advantage, st = self._token_weights(mbatch, gen)
                     tw_time += time.perf_counter() - t
                     _acc(stats, st)
                 micros = [mbatch.select(r) for r in micro_rows]
-                if tw_cfg.scope == "micro-batch":
+                if tw_cfg.scope == "micro-batch" and not whole_set:
                     t = time.perf_counter()
                     for u in micros:
                         u.token_weight, u.advantage, st = self._token_weights(u, gen)
@@ -309,20 +384,18 @@ class Trainer:
             "time_token_weights_s": tw_time,
             "lr": self.scheduler.get_last_lr()[0],
         })
-        pf = cfg.probes.flip
-        if pf.every > 0 and self.policy_version % pf.every == 0:
+        if probe:
             t = time.perf_counter()
             after = self._forward_rows(batch, with_entropy=False)["logprob"]
             delta = after - l_before
             out.update(flip_stats(delta, batch.advantage, batch.response_mask, pf.eps))
             if pf.save_tokens:
                 self._save_flip_records(delta, batch, l_before)
-            out["time_flip_probe_s"] = time.perf_counter() - t
+            out["time_flip_probe_s"] = t_probe + time.perf_counter() - t
         return out
 
-    def _pre_update_forward(self, batch: RolloutBatch, need_hidden: bool) -> torch.Tensor:
-        """Fill batch.old_logprob / entropy / hidden for the update and return the
-        current policy's log-probs l_before [B, T] (the flip probe's reference).
+    def _pre_update_forward(self, batch: RolloutBatch, need_hidden: bool) -> None:
+        """Fill batch.old_logprob / entropy / hidden for the update.
 
         Rows sampled by the current policy that already carry log-probs and
         entropies from rollout time (the reward-balanced buffer computes them)
@@ -336,7 +409,7 @@ class Trainer:
             redo = (batch.policy_version != self.policy_version).nonzero().flatten().tolist()
         l_before = batch.old_logprob.clone() if batch.old_logprob is not None else torch.zeros(B, T)
         if not redo:
-            return l_before
+            return
         cur = self._forward_rows(batch.select(redo), with_entropy=True, with_hidden=need_hidden)
         t = cur["logprob"].shape[1]
         entropy = batch.entropy.clone() if batch.entropy is not None else torch.zeros(B, T)
@@ -347,8 +420,7 @@ class Trainer:
             hidden[redo, :t] = cur["hidden"]
             batch.hidden = hidden
         if batch.old_logprob is None:
-            batch.old_logprob = l_before.clone()
-        return l_before
+            batch.old_logprob = l_before
 
     def _micro_step(self, u: RolloutBatch, denom: float, count_zero: bool) -> dict[str, float]:
         from tokencredit.model import forward_tokens
@@ -479,6 +551,8 @@ class Trainer:
     def save(self) -> Path:
         state = {
             "rollout_step": self.rollout_step,
+            "prompt_cursor": self.prompt_cursor,
+            "ds_surplus_total": self.ds_surplus_total,
             "policy_version": self.policy_version,
             "optim_steps": self.optim_steps,
             "tokens_generated": self.tokens_generated,
@@ -499,9 +573,17 @@ class Trainer:
     def _resume(self) -> None:
         ck = latest_checkpoint(self.ckpt_dir)
         if ck is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.ckpt_dir}")
+            # killed before its first checkpoint: nothing to restore, start over in the same directory
+            msg = f"resume: {self.run_dir} has no complete checkpoint yet; starting it from step 0 with its saved config"
+            log.warning(msg)
+            print(f"tokencredit: {msg}", flush=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            (self.run_dir / "metrics.jsonl").write_text("")
+            return
         st = load_checkpoint(ck, self.model)
         self.rollout_step = st["rollout_step"]
+        self.prompt_cursor = st.get("prompt_cursor", self.rollout_step * self.cfg.rollout.prompts_per_step)
+        self.ds_surplus_total = st.get("ds_surplus_total", 0)
         self.policy_version = st["policy_version"]
         self.optim_steps = st["optim_steps"]
         self.tokens_generated = st["tokens_generated"]

@@ -238,6 +238,30 @@ def sign_mask_advantages(advantages: torch.Tensor, rewards: torch.Tensor, keep: 
     return advantages * sel.to(advantages.dtype)  # A * 1[r = 1] (or mirror)
 
 
+# methods that change which rows train (the advantage itself), not token weights
+SAMPLE_POLARITY_METHODS = ("psr", "nsr", "w_reinforce", "positive_only", "negative_only")
+
+
+def training_advantages(method: str, advantages: torch.Tensor, rewards: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
+    """The advantage that trains each row: (B,) -> (B,).
+
+    Sample-polarity methods replace (psr, nsr, w_reinforce) or mask (positive_only,
+    negative_only) the group advantage row by row, from the row's reward alone, so
+    the result does not depend on how the batch is later cut. The trainer applies
+    this right after the group advantages, before dynamic sampling and the
+    reward-balanced buffer, so both count the signs that actually train (an
+    all-correct group under w_reinforce keeps +lam on every row). Every other
+    method returns `advantages` unchanged. Idempotent.
+    """
+    if method in ("psr", "nsr", "w_reinforce"):
+        return polarity_advantages(rewards, method, lam).to(advantages.dtype)
+    if method == "positive_only":
+        return sign_mask_advantages(advantages, rewards, "positive")
+    if method == "negative_only":
+        return sign_mask_advantages(advantages, rewards, "negative")
+    return advantages
+
+
 # ---------------------------------------------------------------- dispatcher
 
 # Each method: (inputs: dict, params) -> (token_weight | None, advantages, extra stats)
