@@ -17,16 +17,20 @@ from tokencredit.batch import RolloutBatch
 from tokencredit.model.forward import forward_tokens
 from tokencredit.model.tiny import build_tiny
 from tokencredit.probes.masking import (
+    READINGS,
     SET_NAMES,
     boost_stats,
     build_mask_sets,
     eq2_weights,
     full_masking,
     lm_head_masking,
+    low_confidence,
     masking_probe,
     select_candidates,
     sgd_step,
+    sign_aligned,
     sign_agreement,
+    split_by_sign,
     token_logprobs,
     untie_lm_head,
 )
@@ -101,7 +105,9 @@ def test_sets_are_well_formed(tiny):
     cands = select_candidates(ids, 20, g, in_loss)
     assert cands.numel() == 20 and cands.unique().numel() == 20
     thr = float(old.median())
-    sets = build_mask_sets(ids, old, cands, thr, g, in_loss)
+    low, _ = low_confidence(old, None, "prob", thr)
+    state = g.get_state()
+    sets = build_mask_sets(ids, low, cands, g, in_loss)
     for i, c in enumerate(cands.tolist()):
         same = sets["same_token"][i]
         assert same.numel() >= 1 and c not in same.tolist() and in_loss[same].all()
@@ -113,6 +119,58 @@ def test_sets_are_well_formed(tiny):
         assert (old[lc] < thr).all() and (ids[lc] != ids[c]).all() and in_loss[lc].all() and lc.numel() <= same.numel()
         sl = sets["same_token&low_conf"][i]
         assert set(sl.tolist()) == {k for k in same.tolist() if old[k] < thr}
+    # pair condition: same draws; the low-confidence sets survive only for low-confidence candidates
+    g.set_state(state)
+    paired = build_mask_sets(ids, low, cands, g, in_loss, pair=True)
+    assert 0 < int(low[cands].sum()) < cands.numel()  # both kinds of candidate are tested
+    for i, c in enumerate(cands.tolist()):
+        for k in ("random", "same_token"):
+            assert torch.equal(paired[k][i], sets[k][i])
+        for k in ("low_conf", "same_token&low_conf"):
+            assert torch.equal(paired[k][i], sets[k][i] if old[c] < thr else torch.empty(0, dtype=torch.long))
+    # readings pos / neg: the set's A > 0 and A < 0 tokens, a partition of it
+    adv = torch.randn(ids.numel(), generator=torch.Generator().manual_seed(2))
+    split = split_by_sign(sets, adv)
+    assert set(split) == {f"{k}:{q}" for k in SET_NAMES for q in ("pos", "neg")}
+    for k in SET_NAMES:
+        for i in range(cands.numel()):
+            P, Q = split[f"{k}:pos"][i], split[f"{k}:neg"][i]
+            assert (adv[P] > 0).all() and (adv[Q] < 0).all()
+            assert sorted(P.tolist() + Q.tolist()) == sorted(sets[k][i].tolist())
+    with pytest.raises(ValueError, match="bool"):
+        build_mask_sets(ids, old, cands, g, in_loss)  # old-style call with probabilities
+
+
+def test_low_confidence_by_hand():
+    p = torch.tensor([0.1, 0.5, 0.7, 0.49])
+    low, cut = low_confidence(p, None, "prob", 0.5)
+    assert low.tolist() == [True, False, False, True] and cut == 0.5
+    e = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
+    p5 = torch.full((5,), 0.3)
+    low, cut = low_confidence(p5, e, "entropy", 0.5)  # median 2: strictly above it
+    assert low.tolist() == [False, False, False, True, True] and cut == 2.0
+    low, cut = low_confidence(p5, e, "entropy", 0.8)  # 0.8-quantile: 3.2 (linear interpolation)
+    assert low.tolist() == [False, False, False, False, True] and cut == pytest.approx(3.2)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="probability"):
+            low_confidence(p, None, "prob", bad)
+    with pytest.raises(ValueError, match="quantile"):
+        low_confidence(p5, e, "entropy", 1.0)
+    with pytest.raises(ValueError, match="entropies"):
+        low_confidence(p5, None, "entropy", 0.5)
+    with pytest.raises(ValueError, match="confidence"):
+        low_confidence(p5, e, "margin", 0.5)
+
+
+def test_sign_aligned_by_hand():
+    d = torch.tensor([0.5, -0.2, 0.3, 0.1], dtype=torch.float64)
+    net = torch.tensor([1.0, -2.0, -0.5, 0.0])
+    a = sign_aligned(d, net)
+    assert a.tolist() == [0.5, 0.2, -0.3, 0.0]
+    st = boost_stats(a)  # boosted: 0.5 and 0.2; a net weight of 0 is not boosted
+    assert st["n"] == 4 and st["boost_rate"] == 0.5 and st["mean_boost"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="shape"):
+        sign_aligned(d, net[:3])
 
 
 @pytest.mark.parametrize("lm_head", [True, False])
@@ -135,7 +193,7 @@ def test_masking_effect_matches_brute_force(tiny, lm_head):
     g = torch.Generator().manual_seed(3)
     cands = select_candidates(ids, 2, g)
     old = token_logprobs(model, batch)[rows, pos].exp()
-    sets = build_mask_sets(ids, old, cands, float(old.median()), g)
+    sets = build_mask_sets(ids, low_confidence(old, None, "prob", float(old.median()))[0], cands, g)
     sets = {k: sets[k] for k in ("same_token", "random")}
     before = _params(model)
     fn = lm_head_masking if lm_head else full_masking
@@ -198,11 +256,11 @@ def test_masking_probe_tables_and_summary(tiny):
     model, batch = tiny
     before = _params(model)
     tables, summary = masking_probe(model, batch, n_candidates=6, n_full=2, modes=("lm_head", "full"), seed=0)
-    assert [r["set"] for r in summary["table"]] == list(SET_NAMES)
+    assert [(r["reading"], r["set"]) for r in summary["table"]] == [(q, k) for q in READINGS for k in SET_NAMES]
     c = tables["candidates"]
     assert len(c["set"]) == 6 * 4 and sum(c["in_full"]) == 2 * 4
     for r in summary["table"]:
-        assert r["n_lm_head"] <= 6 and r["n_full"] <= 2
+        assert r["n_lm_head"] <= 6 and r["n_full"] <= 2 and r["n_lm_head_paired"] <= 2
         if r["n_lm_head"]:
             assert 0.0 <= r["boost_rate_lm_head"] <= 1.0
     assert len(tables["tokens"]["row"]) == batch.num_tokens
@@ -219,3 +277,143 @@ def test_boost_stats_and_sign_agreement_by_hand():
     assert st["n"] == 2 and st["boost_rate"] == 0.5 and st["mean_boost"] == pytest.approx(0.2)
     assert boost_stats(torch.empty(0))["n"] == 0
     assert sign_agreement(torch.tensor([1.0, -2.0, 0.0, 3.0]), torch.tensor([0.5, 1.0, 0.0, 2.0])) == 0.75
+
+
+def _brute_reading_table(model, batch, cand_rows, n_full):
+    """Every reading of every set by the literal procedure: one deepcopy + SGD
+    step per (candidate, masked set), the set split by the sign of A_k by hand.
+    cand_rows: [(flat index, {set: all-signs token list})]. Returns
+    {(reading, set, mode): (C',) float64 per-candidate statistic over the
+    candidates whose set is non-empty} and the raw deltas."""
+    rows, pos = _flat(batch)
+    A = eq2_weights(batch)[rows, pos].double()
+    stats, raw = {}, {}
+    for mode, cands in (("lm_head", cand_rows), ("full", cand_rows[:n_full]), ("lm_head_paired", cand_rows[:n_full])):
+        head = mode != "full"
+        full = brute_step(model, batch, torch.empty(0, dtype=torch.long), head)
+        per = {}  # (reading, set) -> list of per-candidate statistics over non-empty sets
+        for c, sets in cands:
+            b, t = int(rows[c]), int(pos[c])
+            l_full = _logp(full, batch, b, t)
+            for k, M in sets.items():
+                M = torch.tensor(M, dtype=torch.long)
+                parts = {"all": M, "pos": M[A[M] > 0], "neg": M[A[M] < 0]}
+                d = {}
+                for q, Mq in parts.items():
+                    if Mq.numel():
+                        d[q] = l_full - _logp(brute_step(model, batch, Mq, head), batch, b, t)
+                        per.setdefault((q, k), []).append(d[q])
+                        raw[(mode, c, k, q)] = d[q]
+                if M.numel():
+                    net = float(A[M].sum())
+                    per.setdefault(("aligned", k), []).append((net > 0) * d["all"] - (net < 0) * d["all"])
+        for (q, k), ds in per.items():
+            stats[(q, k, mode)] = torch.tensor(ds, dtype=torch.float64)
+    return stats, raw
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(confidence="entropy", threshold=0.5, pair=True)], ids=["prob", "entropy_pair"])
+def test_every_reading_matches_brute_force(tiny, kw):
+    """Table rows of all four readings (n, Boost Rate, Mean Boost; LM-head, full,
+    paired) against deltas from literal masked SGD steps."""
+    model, batch = tiny
+    rows, pos = _flat(batch)
+    old = token_logprobs(model, batch)[rows, pos].exp()
+    kw = kw or dict(threshold=float(old.median()))  # the tiny model puts every prob under 0.5
+    C, n_full = 4, 2
+    tables, summary = masking_probe(model, batch, n_candidates=C, n_full=n_full, lr=LR, seed=1, **kw)
+    c = tables["candidates"]
+    cand_rows = []
+    for i in range(0, len(c["set"]), len(SET_NAMES)):
+        cand_rows.append((c["candidate"][i], {c["set"][i + j]: c["set_tokens"][i + j] for j in range(len(SET_NAMES))}))
+    stats, raw = _brute_reading_table(model, batch, cand_rows, n_full)
+    # the per-candidate deltas of the table are the brute-force ones, for every reading
+    for i, k, cand in zip(range(len(c["set"])), c["set"], c["candidate"]):
+        for q, tag in (("all", ""), ("pos", "_pos"), ("neg", "_neg")):
+            for mode in ("lm_head", "full"):
+                got = c[f"delta_{mode}{tag}"][i]
+                ref = raw.get((mode, cand, k, q))
+                if ref is None:  # empty set (delta = 0) or not run on the full path
+                    assert got == 0.0 or (mode == "full" and not c["in_full"][i]), (mode, cand, k, q, got)
+                else:
+                    assert abs(got - ref) < 1e-5, (mode, cand, k, q, got, ref)
+    # non-vacuous: both signs are masked somewhere, and reading (a) differs from (c) somewhere
+    assert any(c["set_size_pos"][i] and c["set_size_neg"][i] for i in range(len(c["set"])))
+    assert any(abs(x) > 1e-3 for x in raw.values())
+    assert {q for q in READINGS if any(r[0] == q for r in stats)} == set(READINGS)
+    tol = 1e-5  # float32 noise of the brute-force steps: a |delta| below it has no reliable sign
+    assert sum(abs(x) > tol for x in raw.values()) >= 0.8 * len(raw)
+    table = {(r["reading"], r["set"]): r for r in summary["table"]}
+    differs = False
+    for (q, k), r in table.items():
+        for mode in ("lm_head", "full", "lm_head_paired"):
+            x = stats.get((q, k, mode), torch.zeros(0, dtype=torch.float64))
+            assert r[f"n_{mode}"] == x.numel(), (q, k, mode, r[f"n_{mode}"], x)
+            if x.numel():
+                boosted = round(r[f"boost_rate_{mode}"] * x.numel())
+                assert int((x > tol).sum()) <= boosted <= int((x > -tol).sum()), (q, k, mode, boosted, x)
+                assert r[f"mean_boost_{mode}"] == pytest.approx(float(x.mean()), abs=tol)
+        if r["n_lm_head"]:
+            differs |= r["boost_rate_lm_head"] != table[("all", k)]["boost_rate_lm_head"] and q == "aligned"
+    assert differs
+    if kw.get("pair"):  # pair condition: the low-confidence rows hold only low-confidence candidates
+        low = dict(zip(c["candidate"], c["candidate_low_conf"]))
+        assert 0 < sum(low.values()) < len(low)
+        for q in READINGS:
+            for k in ("low_conf", "same_token&low_conf"):
+                assert table[(q, k)]["n_lm_head"] <= sum(low.values())
+        ent = forward_tokens(model, batch)["entropy"][rows, pos]
+        low_ref = ent > ent.double().quantile(0.5)  # (N,) entropy above the batch median
+        assert tables["tokens"]["low_conf"] == low_ref.tolist()
+        assert summary["low_conf_cut"] == pytest.approx(float(ent.double().quantile(0.5)))
+        for i, k in enumerate(c["set"]):
+            if k in ("low_conf", "same_token&low_conf"):
+                assert bool(low_ref[c["candidate"][i]]) == c["candidate_low_conf"][i]
+                assert set(c["set_tokens"][i]) <= set(low_ref.nonzero().view(-1).tolist())
+                if not c["candidate_low_conf"][i]:
+                    assert c["set_size"][i] == 0  # pair condition: both tokens low confidence
+        assert any(c["set_size"][i] for i, k in enumerate(c["set"]) if k == "same_token&low_conf")
+
+
+def test_full_masking_compose_checks_the_partition(tiny):
+    model, batch = tiny
+    rows, pos = _flat(batch)
+    ids = batch.response_ids[rows, pos]
+    cands = select_candidates(ids, 1, torch.Generator().manual_seed(0))
+    M = torch.tensor([0, 3, 5])
+    sets = {"all": [M], "a": [M[:1]], "b": [M[1:]], "bad": [M[:2]]}
+    out = full_masking(model, batch, eq2_weights(batch), cands, sets, LR, compose={"all": ("a", "b")})
+    ref = full_masking(model, batch, eq2_weights(batch), cands, {"all": [M]}, LR)
+    assert abs(float(out["delta"]["all"][0] - ref["delta"]["all"][0])) < 1e-6 and abs(float(ref["delta"]["all"][0])) > 1e-5
+    with pytest.raises(ValueError, match="partition"):
+        full_masking(model, batch, eq2_weights(batch), cands, sets, LR, compose={"all": ("a", "bad")})
+    with pytest.raises(ValueError, match="compose"):
+        full_masking(model, batch, eq2_weights(batch), cands, sets, LR, compose={"all": ("a", "nope")})
+
+
+def test_cli_masking_options(tiny, tmp_path, capsys):
+    import json
+
+    from tokencredit.cli import main
+    from tokencredit.probes.cli import save_batch
+
+    _, batch = tiny
+    path = save_batch(batch, tmp_path / "b")
+    out = tmp_path / "probes"
+    common = ["probe", "masking", "--model", "tiny-random", "--batch", str(path), "--out", str(out), "--no-progress",
+              "--candidates", "3", "--full-candidates", "1"]
+    assert main([*common, "--confidence", "entropy", "--low-conf", "0.7", "--pair", "--no-sign-split"]) == 0
+    rows = [json.loads(x) for x in (out / "masking.jsonl").read_text().splitlines()]
+    assert [(r["reading"], r["set"]) for r in rows] == [(q, k) for q in ("all", "aligned") for k in SET_NAMES]
+    assert all(isinstance(r["n_lm_head"], int) and isinstance(r["n_full"], int) for r in rows)
+    s = json.loads((out / "masking_summary.json").read_text())
+    assert s["confidence"] == "entropy" and s["pair"] is True and s["threshold"] == 0.7 and "0.7-quantile" in s["low_conf_rule"]
+    text = capsys.readouterr().out
+    assert "reading (a)" in text and "reading (c)" in text and "reading (b+)" not in text
+    assert main(common) == 0  # defaults: every reading
+    rows = [json.loads(x) for x in (out / "masking.jsonl").read_text().splitlines()]
+    assert [r["reading"] for r in rows[:: len(SET_NAMES)]] == list(READINGS)
+    capsys.readouterr()
+    assert main([*common, "--low-conf", "1.5"]) == 2
+    assert main([*common, "--confidence", "entropy", "--low-conf", "1.0"]) == 2
+    assert "--low-conf" in capsys.readouterr().err

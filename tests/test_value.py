@@ -12,6 +12,8 @@ import torch
 from tokencredit.probes.value import (
     branch_continuations,
     counterfactual_value,
+    entropy_cutoffs,
+    entropy_ranks,
     entropy_topk_gaps,
     next_token_probs,
     repeat_gaps,
@@ -63,6 +65,70 @@ def test_split_gap_and_entropy_subsets():
     # valued tokens by entropy: 9 (b, 1), 8 (s, 0), 7 (stable), 2 (b, 0), 1 (s, 0)
     assert rows[0]["n"] == 2 and rows[0]["gap"] == 1.0
     assert rows[1]["n"] == 5 and rows[1]["gap"] == 0.5
+
+
+def test_entropy_cutoffs_by_hand():
+    # (B, T) = (2, 4); the padded cells hold entropies that would win if they counted
+    ent = torch.tensor([[5.0, 4.0, 3.0, 99.0], [2.0, 1.0, 0.5, 50.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
+    # N = 6 response tokens, sorted 5 4 3 2 1 0.5; n_k = max(1, ceil(6 k / 100)) = 1, 3, 4, 6
+    cut = entropy_cutoffs(ent, mask, ks=(10, 50, 60, 100))
+    assert cut.tolist() == [5.0, 3.0, 2.0, 0.5]
+    # a NaN entropy is dropped like padding
+    nan_ent = ent.clone()
+    nan_ent[1, 2] = float("nan")
+    assert entropy_cutoffs(nan_ent, mask, ks=(100,)).tolist() == [1.0]
+    # rank = 1 + number of batch tokens with a strictly higher entropy
+    assert entropy_ranks([5.0, 3.0, 2.5, 0.5, 7.0], ent, mask).tolist() == [1, 3, 4, 6, 1]
+    with pytest.raises(ValueError, match="shape"):
+        entropy_cutoffs(ent, mask[:, :3])
+    with pytest.raises(ValueError, match="percentage"):
+        entropy_cutoffs(ent, mask, ks=(0,))
+    with pytest.raises(ValueError, match="no response token"):
+        entropy_cutoffs(ent, torch.zeros_like(mask))
+
+
+def test_fig5b_cutoffs_come_from_the_whole_batch():
+    """Fig. 5b sorts *all* tokens by entropy: the valued tokens at 6, 5, 2, 1 are
+    the batch's ranks 4, 5, 8, 9 of 10 (10 padded columns hold entropies that
+    must not count), so the batch's top 60% holds only the first two, while
+    ranking the valued tokens among themselves would take three."""
+    batch = torch.tensor([[9.0, 8.0, 7.0, 6.0, 5.0, 30.0], [4.0, 3.0, 2.0, 1.0, 0.5, 30.0]])  # (B, T)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]])
+    recs = [_rec("boosted", 1.0, 6.0), _rec("suppressed", 0.0, 5.0), _rec("boosted", 0.0, 2.0), _rec("suppressed", 1.0, 1.0)]
+    ks = (30, 60, 100)
+    cut = entropy_cutoffs(batch, mask, ks)  # n_k = 3, 6, 10 -> 7, 4, 0.5
+    assert cut.tolist() == [7.0, 4.0, 0.5]
+    rows = entropy_topk_gaps(recs, ks, n_boot=0, cutoffs=cut)
+    assert [r["n"] for r in rows] == [0, 2, 4]
+    assert math.isnan(rows[0]["gap"])  # no valued token among the batch's top 30%
+    assert rows[1]["gap"] == 1.0  # {6: boosted 1.0, 5: suppressed 0.0}
+    assert rows[2]["gap"] == 0.0  # all four: 0.5 - 0.5
+    assert {r["scope"] for r in rows} == {"batch"} and rows[1]["cutoff"] == 4.0
+    # the per-sample ranking (older files without batch information) selects other tokens
+    own = entropy_topk_gaps(recs, ks, n_boot=0)
+    assert [r["n"] for r in own] == [2, 3, 4] and own[1]["gap"] == 0.5 and own[0]["scope"] == "valued"
+    # records carrying their batch rank give the batch-wide subsets without the cut-offs (what the report reads)
+    ranks = entropy_ranks([r["entropy"] for r in recs], batch, mask)
+    assert ranks.tolist() == [4, 5, 8, 9]
+    ranked = [dict(r, entropy_rank=int(q), entropy_tokens=10) for r, q in zip(recs, ranks)]
+    strip = lambda rs: json.dumps([{k: v for k, v in r.items() if k != "cutoff"} for r in rs])  # noqa: E731  (NaN-safe)
+    assert strip(entropy_topk_gaps(ranked, ks, n_boot=0)) == strip(rows)
+    with pytest.raises(ValueError, match="cutoffs"):
+        entropy_topk_gaps(recs, ks, cutoffs=cut[:2])
+
+
+def test_batch_cutoffs_and_ranks_agree_with_ties():
+    # ties at the cut-off all go in, under both rules
+    batch = torch.tensor([3.0, 2.0, 2.0, 1.0, 2.0])
+    mask = torch.ones(5)
+    cut = entropy_cutoffs(batch, mask, ks=(40,))  # n_k = 2: the 2nd largest is 2.0
+    recs = [_rec("boosted" if i % 2 else "suppressed", float(i), e) for i, e in enumerate(batch.tolist())]
+    by_cut = entropy_topk_gaps(recs, (40,), n_boot=0, cutoffs=cut)[0]
+    ranks = entropy_ranks(batch.tolist(), batch, mask)
+    assert ranks.tolist() == [1, 2, 2, 5, 2]
+    by_rank = entropy_topk_gaps([dict(r, entropy_rank=int(q), entropy_tokens=5) for r, q in zip(recs, ranks)], (40,), n_boot=0)[0]
+    assert by_cut["n"] == by_rank["n"] == 4 and by_cut["gap"] == by_rank["gap"]
 
 
 def test_repeat_gaps_relabels_by_cumulative_delta():
@@ -212,6 +278,8 @@ def run_dir(tmp_path_factory):
 
 
 def test_probe_writes_resumes_and_matches_old_prob(run_dir):
+    import pyarrow.parquet as pq
+
     from tokencredit.probes.value import read_done, run_value_probe
 
     out = run_dir / "probes" / "value_step_1.jsonl"
@@ -222,7 +290,13 @@ def test_probe_writes_resumes_and_matches_old_prob(run_dir):
     assert len(full) == 4
     assert sum(r["kind"] == "boosted" for r in full) == 2
     assert {r["sign"] for r in full} == {"pos", "neg"}
+    flip = pq.read_table(run_dir / "probes" / "flip_step_1.parquet").to_pydict()
+    ent = torch.tensor(flip["entropy"], dtype=torch.float64)  # every response token of the batch
+    ks = (20, 40, 60, 80, 100)
+    assert res["entropy_cutoffs"] == dict(zip(ks, entropy_cutoffs(ent, torch.ones_like(ent), ks).tolist()))
+    assert {r["scope"] for r in res["entropy_topk"]} == {"batch"}
     for r in full:
+        assert r["entropy_tokens"] == ent.numel() and r["entropy_rank"] == 1 + int((ent > r["entropy"]).sum())
         assert r["p"] == pytest.approx(r["old_prob"], abs=1e-5)  # right prompt, right model
         assert len(r["delta_repeat"]) == 2 and r["checkpoint_exact"] is True
         assert r["value"] is None or r["value"] == pytest.approx((r["avg0"] - r["avg1"]) / (1 - r["p"]))

@@ -6,8 +6,9 @@ What it does
               full batch (tokencredit/probes/polarity.py). Also writes the Fig. 4
               category masses of the two updates.
     masking   Table 1 / App. D.1: Boost Rate and Mean Boost of the four mask sets
-              for the LM-head-only and the full-parameter SGD step (lr 0.1), and
-              their sign agreement (tokencredit/probes/masking.py).
+              for the LM-head-only and the full-parameter SGD step (lr 0.1), in
+              four readings (all signs, A>0 copies, A<0 copies, sign-aligned),
+              and their sign agreement (tokencredit/probes/masking.py).
     coupling  Fig. 2: output-layer coupling cells from sampled token pairs
               (tokencredit/probes/coupling.py), plus the predicted-shift split
               into self / same-token / different-token terms (Eq. 9).
@@ -307,13 +308,27 @@ def cmd_polarity(args) -> int:
 # ----------------------------------------------------------------------------
 
 
+READING_TITLES = {
+    "all": "reading (a) all signs: masked set as drawn; Boost Rate = % with δ > 0 (measures the batch's sign mix of the masked copies)",
+    "pos": "reading (b+) masked copies restricted to A > 0; Boost Rate = % with δ > 0",
+    "neg": "reading (b-) masked copies restricted to A < 0; Boost Rate = % with δ > 0",
+    "aligned": "reading (c) sign-aligned: masked set as drawn; boosted = sign(sum_M A_k)·δ > 0, Mean Boost = mean sign(sum_M A_k)·δ",
+}
+
+
 def cmd_masking(args) -> int:
+    from tokencredit.config import ConfigError
     from tokencredit.probes.masking import SET_CONDITIONS, masking_probe
 
+    if args.confidence == "prob" and not 0.0 < args.low_conf <= 1.0:  # fail before loading a model
+        raise ConfigError(f"--low-conf {args.low_conf:g}: with --confidence prob it is a probability in (0, 1]")
+    if args.confidence == "entropy" and not 0.0 <= args.low_conf < 1.0:
+        raise ConfigError(f"--low-conf {args.low_conf:g}: with --confidence entropy it is a quantile in [0, 1)")
     ctx = _load(args)
     t0 = time.perf_counter()
     tables, summary = masking_probe(
         ctx.model, ctx.batch, n_candidates=args.candidates, n_full=args.full_candidates, threshold=args.low_conf,
+        confidence=args.confidence, pair=args.pair, sign_split=not args.no_sign_split,
         lr=args.lr, seed=args.seed, modes=tuple(args.modes), temperature=ctx.temperature,
         chunk_tokens=ctx.cfg.model.chunk_tokens, micro_rows=args.micro_rows, progress=not args.no_progress,
     )
@@ -329,30 +344,32 @@ def cmd_masking(args) -> int:
     lines.append(f"one SGD step, lr {args.lr:g}, no momentum, on J = 1/N sum A_k log pi(o_k) (N = {summary['tokens']} "
                  f"tokens, kept for masked updates); {summary['tokens_in_loss']} tokens in the loss (A != 0)")
     lines.append(f"candidates: {summary['candidates']} (LM head), {summary['full_candidates']} of them also full-parameter, "
-                 f"from {summary['eligible_tokens']} eligible; low confidence = old prob < {args.low_conf:g} "
-                 f"({summary['low_conf_tokens']} tokens); seed {args.seed}; {dt:.0f} s")
-    lines.append("")
+                 f"from {summary['eligible_tokens']} eligible; seed {args.seed}; {dt:.0f} s")
+    lines.append(f"low confidence: {summary['low_conf_rule']} ({summary['low_conf_tokens']} tokens, "
+                 f"{summary['low_conf_candidates']} of the candidates)")
     blk = lambda t: f"{t:^29}"  # noqa: E731
     paired_title = "LM-head, Full's candidates"
-    lines.append(f"{'Masked tokens':<21}|{blk('LM-head')}|{blk('Full')}|{blk(paired_title)}")
-    lines.append(f"{'Same  LowConf   |M|':<21}|" + "|".join([f"{'n':>5}{'Boost Rate':>12}{'Mean Boost':>12}"] * 2)
-                 + f"|{'':>5}{'Boost Rate':>12}{'Mean Boost':>12}")
-    for r in summary["table"]:
-        same, low = SET_CONDITIONS[r["set"]]
-        cell = f"{'✓' if same else '-':^5} {'✓' if low else '-':^7} {r['mean_set_size']:>5.1f}"
-        parts = []
-        for mode in ("lm_head", "full"):
-            br, mb = r[f"boost_rate_{mode}"], r[f"mean_boost_{mode}"]
-            parts.append(f"{r[f'n_{mode}']:>5}{_f(100 * br, '>11.2f')}%{_f(mb, '>+12.4f')}")
-        parts.append(f"{'':>5}{_f(100 * r.get('boost_rate_lm_head_paired', math.nan), '>11.2f')}%"
-                     f"{_f(r.get('mean_boost_lm_head_paired', math.nan), '>+12.4f')}")
-        lines.append(f"{cell:<21}|" + "|".join(parts))
-    lines.append("(n = candidates whose set has at least one token; |M| = mean set size; Boost Rate = % with δ > 0)")
-    lines.append("split by the sign of the masked set's net weight sum_{k in M} A_k   (n, Boost Rate, Mean Boost)")
+    for reading in summary["readings"]:
+        lines.append("")
+        lines.append(READING_TITLES[reading])
+        lines.append(f"{'Masked tokens':<21}|{blk('LM-head')}|{blk('Full')}|{blk(paired_title)}")
+        lines.append(f"{'Same  LowConf   |M|':<21}|" + "|".join([f"{'n':>5}{'Boost Rate':>12}{'Mean Boost':>12}"] * 3))
+        for r in (r for r in summary["table"] if r["reading"] == reading):
+            same, low = SET_CONDITIONS[r["set"]]
+            cell = f"{'✓' if same else '-':^5} {'✓' if low else '-':^7} {r['mean_set_size']:>5.1f}"
+            parts = []
+            for mode in ("lm_head", "full", "lm_head_paired"):
+                n = r.get(f"n_{mode}", 0)
+                parts.append(f"{n:>5}{_f(100 * r.get(f'boost_rate_{mode}', math.nan), '>11.2f')}%"
+                             f"{_f(r.get(f'mean_boost_{mode}', math.nan), '>+12.4f')}")
+            lines.append(f"{cell:<21}|" + "|".join(parts))
+    lines.append("(n = candidates whose set for that reading has at least one token; |M| = mean size of those sets)")
+    lines.append("")
+    lines.append("reading (a) split by the sign of the masked set's net weight sum_{k in M} A_k   (n, Boost Rate, Mean Boost)")
     lines.append(f"  {'':<20}" + "|".join(f"{t:^22}" for t in ("LM-head, net A > 0", "LM-head, net A < 0", "Full, net A > 0", "Full, net A < 0")))
-    for r in summary["table"]:
-        parts = [f"{r[f'n_{m}_{t}']:>4}{_f(100 * r[f'boost_rate_{m}_{t}'], '>7.1f')}%{_f(r[f'mean_boost_{m}_{t}'], '>+10.4f')}"
-                 for m in ("lm_head", "full") for t in ("netpos", "netneg")]
+    for r in (r for r in summary["table"] if r["reading"] == "all"):
+        parts = [f"{r.get(f'n_{m}_{t}', 0):>4}{_f(100 * r.get(f'boost_rate_{m}_{t}', math.nan), '>7.1f')}%"
+                 f"{_f(r.get(f'mean_boost_{m}_{t}', math.nan), '>+10.4f')}" for m in ("lm_head", "full") for t in ("netpos", "netneg")]
         lines.append(f"  {r['set']:<20}" + "|".join(parts))
     sa = summary["sign_agreement"]
     lines.append(f"sign agreement of Δ log p, full-parameter vs LM-head-only step (lr {args.lr:g}), all "
@@ -451,12 +468,26 @@ def add_cli(subparsers) -> None:
 
     pm = sub.add_parser("masking", help="masking effect of four token sets, LM-head vs full (Table 1, App. D.1)",
                         description="Boost Rate and Mean Boost of removing random / same-token / low-confidence / "
-                        "same-token&low-confidence tokens from one SGD step, for LM-head-only and full-parameter updates.")
+                        "same-token&low-confidence tokens from one SGD step, for LM-head-only and full-parameter updates. "
+                        "Every set is read four ways: (a) all signs, (b) only its A > 0 / only its A < 0 tokens, "
+                        "(c) sign-aligned (boosted = sign(sum_M A_k) * delta > 0); see docs/probes_masking.md.")
     _common(pm)
     pm.add_argument("--candidates", type=int, default=64, help="candidate tokens (LM-head path; cheap)")
     pm.add_argument("--full-candidates", type=int, default=8,
-                    help="how many of them also get the full-parameter update (each costs ~1 forward + 4 backward passes over the batch)")
-    pm.add_argument("--low-conf", type=float, default=0.5, help="low confidence: old prob below this")
+                    help="how many of them also get the full-parameter update (each costs ~1 forward + 8 backward passes over "
+                    "the batch, 4 with --no-sign-split)")
+    pm.add_argument("--confidence", choices=("prob", "entropy"), default="prob",
+                    help="low-confidence measure: prob = old prob below --low-conf; entropy = entropy above the --low-conf "
+                    "quantile of the batch's response-token entropies (default: prob)")
+    pm.add_argument("--low-conf", type=float, default=0.5,
+                    help="low-confidence threshold: a probability in (0, 1] with --confidence prob, a quantile in [0, 1) with "
+                    "--confidence entropy (0.8 = the top 20%% entropies); default 0.5")
+    pm.add_argument("--pair", action="store_true",
+                    help="paper's pair condition (Fig. 2: both tokens low confidence): the low-confidence sets of a candidate "
+                    "that is not low confidence itself are empty (default: only the masked tokens are filtered)")
+    pm.add_argument("--no-sign-split", action="store_true",
+                    help="skip reading (b), the A > 0-only and A < 0-only masked updates (halves the full-parameter cost); "
+                    "readings (a) and (c) are always reported")
     pm.add_argument("--lr", type=float, default=0.1, help="SGD step size (paper: 0.1)")
     pm.add_argument("--modes", nargs="+", choices=("lm_head", "full"), default=["lm_head", "full"])
     pm.set_defaults(func=cmd_masking)

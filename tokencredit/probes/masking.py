@@ -36,10 +36,42 @@ What it does
     small batch a frequent id would otherwise leak coupled tokens into the
     control rows).
 
-    Low confidence = old prob pi_theta(o_k | s_k) < threshold (a property of the
-    masked tokens; the candidate's own prob is recorded, not filtered on). A
-    candidate whose set is empty has delta = 0 exactly; it is left out of that
-    set's statistics (the table reports n per cell).
+    Low confidence (``low_confidence``): confidence="prob" (default): old
+    prob pi_theta(o_k | s_k) < threshold (default 0.5); confidence="entropy":
+    entropy H(pi_theta(. | s_k)) above the `threshold`-quantile of the batch's
+    response-token entropies (default 0.5: the median). By default it is a
+    property of the masked tokens only (the candidate's own confidence is
+    recorded, not filtered on); pair=True is the paper's pair condition
+    (Fig. 2: *both* tokens low confidence): the two low-confidence sets of a
+    candidate that is not itself low confidence are empty, so those rows
+    hold only low-confidence candidates. A candidate whose set is empty has
+    delta = 0 exactly; it is left out of that set's statistics (every table
+    row carries its n).
+
+Readings (the paper does not state its protocol; all are reported)
+    To first order delta_M(c) = lr/N sum_{k in M} A_k <g_c, g_k>, and for a
+    same-token (low-confidence) copy <g_c, g_k> > 0: a masked copy with
+    A_k > 0 pushes delta up, one with A_k < 0 pushes it down. So the sign of
+    delta mostly follows the sign of the masked set's net weight sum_M A_k.
+
+        all      M as drawn (every sign): Boost Rate = fraction of candidates
+                 whose masked set is net positive, i.e. it measures the
+                 batch's sign mix (~50% or less when negative rollouts carry
+                 most |A|), not the coupling itself.
+        pos      M restricted to its A_k > 0 tokens (a separate masked update;
+                 coupled sets: Boost Rate near 100% expected; random sets:
+                 weak coupling of either sign)
+        neg      M restricted to its A_k < 0 tokens (coupled: near 0%)
+        aligned  M as drawn, but a candidate counts as boosted when
+                 sign(sum_{k in M} A_k) * delta > 0 and Mean Boost is the mean
+                 of sign(sum_M A_k) * delta ("did the masked tokens push c in
+                 the direction of their net advantage"); a set with
+                 sum_M A_k = 0 counts as not boosted.
+
+    pos / neg are separate masked updates (delta is not additive in M); they
+    cost one more LM-head term per set, and on the full path one more
+    backward per set (the all-signs gradient is their sum, g_M = g_M+ + g_M-,
+    exact because every gradient is taken at theta).
 
 Two update kinds
     lm_head  only the LM-head weight W moves; the decoder (hence the final
@@ -61,8 +93,9 @@ Two update kinds
              matter), one backward per set through that graph, then one
              forward of c's row (cut after c) per set. Cost per candidate:
              about 1 forward + 4 backward passes over the batch (~30-50 s for
-             SmolLM2-135M and 32 short rows on 1 CPU thread): cap the
-             candidates (``n_full``).
+             SmolLM2-135M and 32 short rows on 1 CPU thread; 8 backward with
+             the sign readings pos / neg, see Readings): cap the candidates
+             (``n_full``).
 
     Sign agreement (App. D.1): the fraction of all N tokens whose Delta log p
     has the same sign (torch.sign, so 0 is its own sign) under the full step
@@ -81,9 +114,10 @@ Simplifications
 Try it
     from tokencredit.probes.masking import masking_probe
     tables, summary = masking_probe(model, batch, n_candidates=64, n_full=8)
-    summary["table"]            # Table 1 rows
+    summary["table"]            # Table 1 rows: one per (reading, set), each with its n
     summary["sign_agreement"]   # App. D.1
     tokencredit probe masking --run RUN_DIR --candidates 64 --full-candidates 8
+    tokencredit probe masking --run RUN_DIR --confidence entropy --low-conf 0.8 --pair
 """
 
 from __future__ import annotations
@@ -100,17 +134,23 @@ from tokencredit.model.forward import _logit_transform, forward_tokens, lm_head_
 __all__ = [
     "SET_NAMES",
     "SET_CONDITIONS",
+    "READINGS",
+    "CONFIDENCE",
     "eq2_weights",
+    "token_stats",
     "token_logprobs",
     "eq2_grad",
     "eq2_grads",
     "sgd_step",
     "untie_lm_head",
     "select_candidates",
+    "low_confidence",
     "build_mask_sets",
+    "split_by_sign",
     "lm_head_masking",
     "full_masking",
     "boost_stats",
+    "sign_aligned",
     "sign_agreement",
     "masking_probe",
 ]
@@ -118,6 +158,10 @@ __all__ = [
 # Table 1 rows, in the paper's order: (same token?, low confidence?)
 SET_NAMES = ("random", "same_token", "low_conf", "same_token&low_conf")
 SET_CONDITIONS = {"random": (False, False), "same_token": (True, False), "low_conf": (False, True), "same_token&low_conf": (True, True)}
+# readings of each set (module docstring): all signs, A>0 copies only, A<0 copies only, sign-aligned
+READINGS = ("all", "pos", "neg", "aligned")
+SIGN_PARTS = ("pos", "neg")  # restricted sets are named f"{set}:{part}"
+CONFIDENCE = ("prob", "entropy")
 
 
 # ----------------------------------------------------------------------------
@@ -172,16 +216,25 @@ def _eval_mode(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def token_logprobs(model, batch: RolloutBatch, *, temperature: float = 1.0, chunk_tokens: int = 1024, micro_rows: int = 8) -> torch.Tensor:
-    """[B, T] float32 log pi(o_t | s_t) (0 on padding), in row micro-batches, no grad."""
+def token_stats(
+    model, batch: RolloutBatch, *, temperature: float = 1.0, chunk_tokens: int = 1024, micro_rows: int = 8, with_entropy: bool = True
+) -> dict[str, torch.Tensor]:
+    """{"logprob": [B, T], "entropy": [B, T] (with_entropy)} float32, log pi(o_t | s_t)
+    and H(pi(. | s_t)) at `temperature`, 0 on padding; row micro-batches, no grad."""
     B, T = batch.response_ids.shape
-    out = torch.zeros(B, T)
+    out = {"logprob": torch.zeros(B, T)} | ({"entropy": torch.zeros(B, T)} if with_entropy else {})
     with _eval_mode(model):
         for s in range(0, B, micro_rows):
             sub = batch.select(range(s, min(B, s + micro_rows)))
-            lp = forward_tokens(model, sub, temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=False)["logprob"]
-            out[s : s + lp.shape[0], : lp.shape[1]] = lp.cpu()
+            f = forward_tokens(model, sub, temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=with_entropy)
+            for k in out:
+                out[k][s : s + f[k].shape[0], : f[k].shape[1]] = f[k].cpu()
     return out
+
+
+def token_logprobs(model, batch: RolloutBatch, *, temperature: float = 1.0, chunk_tokens: int = 1024, micro_rows: int = 8) -> torch.Tensor:
+    """[B, T] float32 log pi(o_t | s_t) (0 on padding), in row micro-batches, no grad."""
+    return token_stats(model, batch, temperature=temperature, chunk_tokens=chunk_tokens, micro_rows=micro_rows, with_entropy=False)["logprob"]
 
 
 def _trainable(model) -> tuple[list[str], list[torch.nn.Parameter]]:
@@ -318,30 +371,68 @@ def select_candidates(
     return eligible[perm[:n]]
 
 
+def low_confidence(
+    old_prob: torch.Tensor, entropy: torch.Tensor | None = None, confidence: str = "prob", threshold: float = 0.5
+) -> tuple[torch.Tensor, float]:
+    """(low (N,) bool, cut): which response tokens count as low confidence.
+
+    old_prob (N,) pi(o_k | s_k), entropy (N,) H(pi(. | s_k)), both over the
+    batch's response tokens (flat, padding already dropped).
+        confidence="prob"     low = old_prob < threshold; cut = threshold
+                              (a probability in (0, 1])
+        confidence="entropy"  low = entropy > cut, cut = the `threshold`-
+                              quantile (in [0, 1), linear interpolation) of
+                              the entropies: threshold 0.8 = the top ~20%
+    """
+    if confidence not in CONFIDENCE:
+        raise ValueError(f"confidence must be one of {CONFIDENCE}, got {confidence!r}")
+    if confidence == "prob":
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"a probability threshold must be in (0, 1], got {threshold}")
+        return old_prob < threshold, float(threshold)
+    if entropy is None:
+        raise ValueError('confidence="entropy" needs the entropies (N,)')
+    if entropy.shape != old_prob.shape:
+        raise ValueError(f"entropy {tuple(entropy.shape)} and old_prob {tuple(old_prob.shape)} differ in shape")
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"an entropy quantile must be in [0, 1), got {threshold}")
+    if entropy.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool), float("nan")
+    cut = float(torch.quantile(entropy.double(), threshold))
+    return entropy > cut, cut
+
+
 def build_mask_sets(
     ids: torch.Tensor,
-    old_prob: torch.Tensor,
+    low: torch.Tensor,
     candidates: torch.Tensor,
-    threshold: float,
     generator: torch.Generator | None = None,
     in_loss: torch.Tensor | None = None,
+    *,
+    pair: bool = False,
 ) -> dict[str, list[torch.Tensor]]:
     """The four Table 1 sets for each candidate c, drawn from the tokens in the loss.
 
     same_token           S = in-loss tokens k != c with o_k = o_c
-    same_token&low_conf  S with old prob < threshold
+    same_token&low_conf  S restricted to low-confidence tokens
     random               |S| tokens drawn uniformly from the in-loss tokens with
                          a different id (so rows 1 and 3 of Table 1 hold no
                          same-token pair and are disjoint from rows 2 and 4)
     low_conf             min(|S|, #pool) tokens drawn uniformly from the in-loss
-                         tokens with a different id and old prob < threshold
+                         tokens with a different id and low confidence
+    pair=True: the two low-confidence sets are empty unless c itself is low
+    confidence (the paper's "both tokens" condition).
 
-    ids (N,), old_prob (N,), candidates (C,) flat indices, in_loss (N,) bool
-    (default all). Returns {set name: [C sorted index tensors]}.
+    ids (N,) token ids, low (N,) bool (``low_confidence``), candidates (C,)
+    flat indices, in_loss (N,) bool (default all). Returns {set name: [C
+    sorted index tensors]}.
     """
+    if low.dtype != torch.bool or low.shape != ids.shape:
+        raise ValueError(f"low must be a bool tensor shaped like ids {tuple(ids.shape)} (see low_confidence), "
+                         f"got {low.dtype} {tuple(low.shape)}")
     il = torch.ones_like(ids, dtype=torch.bool) if in_loss is None else in_loss.bool()
-    low = old_prob < threshold  # (N,)
     ar = torch.arange(ids.numel())
+    none = torch.empty(0, dtype=torch.long)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in SET_NAMES}
     for c in candidates.tolist():
         is_same = ids == ids[c]
@@ -350,11 +441,23 @@ def build_mask_sets(
         pool = (il & ~is_same).nonzero().view(-1)
         rnd = pool[torch.randperm(pool.numel(), generator=generator)[:k]]
         lpool = (il & ~is_same & low).nonzero().view(-1)
-        lc = lpool[torch.randperm(lpool.numel(), generator=generator)[: min(k, lpool.numel())]]
+        lc = lpool[torch.randperm(lpool.numel(), generator=generator)[: min(k, lpool.numel())]]  # drawn even if unused: same RNG stream
+        c_ok = bool(low[c]) or not pair  # pair condition: the candidate must be low confidence too
         out["random"].append(rnd.sort().values)
         out["same_token"].append(same)
-        out["low_conf"].append(lc.sort().values)
-        out["same_token&low_conf"].append(same[low[same]])
+        out["low_conf"].append(lc.sort().values if c_ok else none)
+        out["same_token&low_conf"].append(same[low[same]] if c_ok else none)
+    return out
+
+
+def split_by_sign(sets: dict[str, list[torch.Tensor]], adv: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """Readings "pos" / "neg": for each set S (name -> C index tensors) the
+    sets f"{name}:pos" = {k in S: A_k > 0} and f"{name}:neg" = {k in S: A_k < 0}.
+    adv (N,) Eq. 2 weight A_k of every flat token. Returns only the new sets."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for name, lst in sets.items():
+        out[f"{name}:pos"] = [m[adv[m] > 0] for m in lst]
+        out[f"{name}:neg"] = [m[adv[m] < 0] for m in lst]
     return out
 
 
@@ -487,6 +590,7 @@ def full_masking(
     chunk_tokens: int = 1024,
     micro_rows: int = 8,
     progress: bool = False,
+    compose: dict[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Masking effects under the full-parameter SGD step (every trainable parameter).
 
@@ -497,6 +601,11 @@ def full_masking(
     lr g_M, and c's row (cut after c) is run at theta' and at theta'_M with
     the same shapes, so an empty set gives delta = 0 exactly and float noise
     is the same for both terms.
+
+    compose: {set: (part sets)} where, for every candidate, the parts are a
+    partition of the set (checked); its g_M is then the sum of the parts'
+    gradients instead of one more backward (g_M is linear in M: every
+    gradient is taken at theta). Used for M = M+ u M- (readings pos / neg).
     """
     rows, pos = _flat(batch)
     N = rows.numel()
@@ -529,18 +638,30 @@ def full_masking(
         from tqdm.auto import tqdm
 
         it = tqdm(list(it), desc="masking full", dynamic_ncols=True)
+    compose = dict(compose or {})
+    for k, parts in compose.items():
+        if k not in sets or any(q not in sets or q in compose for q in parts):
+            raise ValueError(f"compose[{k!r}] = {tuple(parts)}: every name must be a set, and parts must not be composed themselves")
     for i, cand in it:
         b, t = int(rows[cand]), int(pos[cand])
         logp_full[i] = cand_logp(b, t)
         todo = [k for k, lst in sets.items() if lst[i].numel() > 0]  # empty set: theta'_M = theta', delta = 0 exactly
+        direct = [k for k in todo if k not in compose]
         wMs = []
-        for k in todo:
+        for k in direct:
             M = sets[k][i]
             wM = torch.zeros_like(weights, dtype=torch.float32)
             wM[rows[M], pos[M]] = weights.to(torch.float32)[rows[M], pos[M]]
             wMs.append(wM)
-        gMs = eq2_grads(model, batch, wMs, n, params, **kw)  # one forward, one backward per set
-        for k, gM in zip(todo, gMs):
+        grads = dict(zip(direct, eq2_grads(model, batch, wMs, n, params, **kw)))  # one forward, one backward per set
+        for k in todo:
+            if k in compose:  # g_M = sum of the parts' g (a partition of M)
+                parts = [sets[q][i] for q in compose[k]]
+                if not torch.equal(torch.cat(parts).sort().values, sets[k][i].sort().values):
+                    raise ValueError(f"compose[{k!r}]: the parts are not a partition of the set of candidate {i}")
+                grads[k] = [sum(gs) for gs in zip(*(grads[q] for q in compose[k] if q in grads))]
+        for k in todo:
+            gM = grads[k]
             with torch.no_grad():
                 for p, th, gg in zip(p1, theta1, gM):
                     p.copy_(th).sub_(gg, alpha=lr)  # theta'_M = theta' - lr/N sum_{k in M} A_k g_k
@@ -565,11 +686,27 @@ def boost_stats(delta: torch.Tensor, valid: torch.Tensor | None = None) -> dict[
     return {"n": int(d.numel()), "boost_rate": float((d > 0).double().mean()), "mean_boost": float(d.double().mean())}
 
 
+def sign_aligned(delta: torch.Tensor, net_adv: torch.Tensor) -> torch.Tensor:
+    """Reading "aligned": sign(sum_{k in M} A_k) * delta, (C,) float64 from delta
+    (C,) and the masked sets' net weights net_adv (C,). > 0: the masked tokens
+    pushed c the way their net advantage points; 0 when the net weight is 0."""
+    if delta.shape != net_adv.shape:
+        raise ValueError(f"delta {tuple(delta.shape)} and net_adv {tuple(net_adv.shape)} differ in shape")
+    return torch.sign(net_adv.double()) * delta.double()
+
+
 def sign_agreement(delta_a: torch.Tensor, delta_b: torch.Tensor) -> float:
     """Fraction of tokens with sign(delta_a) == sign(delta_b) (App. D.1). (N,), (N,)."""
     if delta_a.numel() == 0:
         return float("nan")
     return float((torch.sign(delta_a) == torch.sign(delta_b)).double().mean())
+
+
+def _reading_delta(res: dict[str, Any], name: str, reading: str, net: torch.Tensor) -> torch.Tensor:
+    """(C,) the per-candidate statistic of set `name` under `reading`."""
+    if reading == "aligned":
+        return sign_aligned(res["delta"][name], net[: res["delta"][name].numel()])
+    return res["delta"][name if reading == "all" else f"{name}:{reading}"]
 
 
 def masking_probe(
@@ -580,6 +717,9 @@ def masking_probe(
     n_candidates: int = 64,
     n_full: int | None = None,
     threshold: float = 0.5,
+    confidence: str = "prob",
+    pair: bool = False,
+    sign_split: bool = True,
     lr: float = 0.1,
     seed: int = 0,
     modes: Sequence[str] = ("lm_head", "full"),
@@ -591,23 +731,33 @@ def masking_probe(
     """Table 1 and App. D.1 on one batch. The model is only read.
 
     n_full: how many of the candidates (a prefix of the random sample, same
-    mask sets) also get the full-parameter update; None = all. Returns
-    (tables, summary):
+    mask sets) also get the full-parameter update; None = all.
+    threshold / confidence: low confidence (``low_confidence``): old prob <
+    threshold ("prob") or entropy above the threshold-quantile of the batch
+    ("entropy"). pair: the paper's pair condition (candidate low confidence
+    too). sign_split: also the readings "pos" / "neg" (separate masked
+    updates; off: only "all" and "aligned"). Returns (tables, summary):
         tables["candidates"]  one row per (candidate, set): candidate, row,
-            position, token_id, advantage, old_prob, set, same_token, low_conf,
-            set_size, set_adv_sum (sum of A_k over the set), set_tokens (flat
-            indices into tables["tokens"]), delta_lm_head, delta_full (NaN
-            where not run), in_full
+            position, token_id, advantage, old_prob, entropy,
+            candidate_low_conf, set, same_token, low_conf, set_size,
+            set_adv_sum (sum of A_k over the set), set_tokens (flat indices
+            into tables["tokens"]), delta_lm_head, delta_full (NaN where not
+            run), in_full, and with sign_split set_size_{pos,neg},
+            delta_{lm_head,full}_{pos,neg}
         tables["tokens"]      one row per response token: row, position,
-            token_id, advantage, old_prob, delta_lm_head, delta_full
-        summary: "table" (one dict per set: n / boost_rate / mean_boost for
-            lm_head, full, lm_head on the full subset ("_paired"), and per
-            mode split by the sign of the set's net weight sum_{k in M} A_k
-            ("_netpos" / "_netneg")), "sign_agreement", settings and sizes.
+            token_id, advantage, old_prob, entropy, low_conf, delta_lm_head,
+            delta_full
+        summary: "table" (one dict per (reading, set), readings in READINGS
+            order: n / boost_rate / mean_boost for lm_head, full, and lm_head
+            on the full subset ("_paired"); "all" rows also split by the sign
+            of the set's net weight sum_{k in M} A_k ("_netpos" / "_netneg")),
+            "sign_agreement", settings and sizes.
     """
     for m in modes:
         if m not in ("lm_head", "full"):
             raise ValueError(f"unknown mode {m!r}; valid: lm_head, full")
+    if confidence not in CONFIDENCE:
+        raise ValueError(f"confidence must be one of {CONFIDENCE}, got {confidence!r}")
     if batch.num_tokens < 2:
         raise ValueError("the batch needs at least two response tokens")
     gen = torch.Generator().manual_seed(seed)
@@ -615,11 +765,17 @@ def masking_probe(
     rows, pos = _flat(batch)
     N = rows.numel()
     ids = batch.response_ids[rows, pos]
-    old_lp = token_logprobs(model, batch, temperature=temperature, chunk_tokens=chunk_tokens, micro_rows=micro_rows)
-    old_prob = old_lp[rows, pos].exp()
-    in_loss = weights[rows, pos] != 0  # tokens with A_k = 0 are not in Eq. 2's sum
+    st = token_stats(model, batch, temperature=temperature, chunk_tokens=chunk_tokens, micro_rows=micro_rows,
+                     with_entropy=confidence == "entropy")
+    old_prob = st["logprob"][rows, pos].exp()  # (N,)
+    entropy = st["entropy"][rows, pos] if "entropy" in st else None  # (N,)
+    low, cut = low_confidence(old_prob, entropy, confidence, threshold)
+    A_tok = weights[rows, pos]  # (N,)
+    in_loss = A_tok != 0  # tokens with A_k = 0 are not in Eq. 2's sum
     cands = select_candidates(ids, n_candidates, gen, in_loss)
-    sets = build_mask_sets(ids, old_prob, cands, threshold, gen, in_loss)
+    base = build_mask_sets(ids, low, cands, gen, in_loss, pair=pair)
+    sets = base | (split_by_sign(base, A_tok) if sign_split else {})
+    readings = READINGS if sign_split else ("all", "aligned")
     C = cands.numel()
     n_f = C if n_full is None else min(int(n_full), C)
     res: dict[str, dict[str, Any]] = {}
@@ -627,63 +783,67 @@ def masking_probe(
         res["lm_head"] = lm_head_masking(model, batch, weights, cands, sets, lr, norm=N, temperature=temperature, progress=progress)
     if "full" in modes:
         sub_sets = {k: v[:n_f] for k, v in sets.items()}
+        compose = {k: tuple(f"{k}:{q}" for q in SIGN_PARTS) for k in base} if sign_split else None
         res["full"] = full_masking(model, batch, weights, cands[:n_f], sub_sets, lr, norm=N, temperature=temperature,
-                                   chunk_tokens=chunk_tokens, micro_rows=micro_rows, progress=progress)
+                                   chunk_tokens=chunk_tokens, micro_rows=micro_rows, progress=progress, compose=compose)
 
     nan = float("nan")
-    A_tok = weights[rows, pos]
-    cols: dict[str, list] = {k: [] for k in ("candidate", "row", "position", "token_id", "advantage", "old_prob", "set", "same_token",
-                                            "low_conf", "set_size", "set_adv_sum", "set_tokens", "delta_lm_head", "delta_full",
-                                            "in_full")}
+    ent = entropy if entropy is not None else torch.full((N,), nan)
+    cols: dict[str, list] = {}
     for i, c in enumerate(cands.tolist()):
         for k in SET_NAMES:
-            cols["candidate"].append(c)
-            cols["row"].append(int(rows[c]))
-            cols["position"].append(int(pos[c]))
-            cols["token_id"].append(int(ids[c]))
-            cols["advantage"].append(float(A_tok[c]))
-            cols["old_prob"].append(float(old_prob[c]))
-            cols["set"].append(k)
-            cols["same_token"].append(SET_CONDITIONS[k][0])
-            cols["low_conf"].append(SET_CONDITIONS[k][1])
-            cols["set_size"].append(int(sets[k][i].numel()))
-            cols["set_adv_sum"].append(float(A_tok[sets[k][i]].sum()))  # sum_{k in M} A_k
-            cols["set_tokens"].append(sets[k][i].tolist())  # flat token indices (tables["tokens"] order)
-            cols["delta_lm_head"].append(float(res["lm_head"]["delta"][k][i]) if "lm_head" in res else nan)
-            cols["delta_full"].append(float(res["full"]["delta"][k][i]) if "full" in res and i < n_f else nan)
-            cols["in_full"].append(i < n_f and "full" in res)
+            row = {"candidate": c, "row": int(rows[c]), "position": int(pos[c]), "token_id": int(ids[c]), "advantage": float(A_tok[c]),
+                   "old_prob": float(old_prob[c]), "entropy": float(ent[c]), "candidate_low_conf": bool(low[c]), "set": k,
+                   "same_token": SET_CONDITIONS[k][0], "low_conf": SET_CONDITIONS[k][1], "set_size": int(sets[k][i].numel()),
+                   "set_adv_sum": float(A_tok[sets[k][i]].double().sum()),  # sum_{k in M} A_k
+                   "set_tokens": sets[k][i].tolist(), "in_full": i < n_f and "full" in res}  # flat indices (tables["tokens"] order)
+            for part in ("",) + (tuple(f":{q}" for q in SIGN_PARTS) if sign_split else ()):
+                tag = part.replace(":", "_")
+                if part:
+                    row[f"set_size{tag}"] = int(sets[k + part][i].numel())
+                row[f"delta_lm_head{tag}"] = float(res["lm_head"]["delta"][k + part][i]) if "lm_head" in res else nan
+                row[f"delta_full{tag}"] = float(res["full"]["delta"][k + part][i]) if "full" in res and i < n_f else nan
+            for key, v in row.items():
+                cols.setdefault(key, []).append(v)
     tok_cols = {
         "row": rows.tolist(), "position": pos.tolist(), "token_id": ids.tolist(), "advantage": A_tok.tolist(),
-        "old_prob": old_prob.tolist(),
+        "old_prob": old_prob.tolist(), "entropy": ent.tolist(), "low_conf": low.tolist(),
         "delta_lm_head": res["lm_head"]["delta_all"].tolist() if "lm_head" in res else [nan] * N,
         "delta_full": res["full"]["delta_all"].tolist() if "full" in res else [nan] * N,
     }
 
-    net_adv = {k: torch.stack([A_tok[t].sum() for t in sets[k]]) if C else torch.zeros(0) for k in SET_NAMES}  # (C,)
+    # (C,) per set: sum_{k in M} A_k of the all-signs set (reading "aligned", net split of "all")
+    net_adv = {k: torch.stack([A_tok[t].double().sum() for t in base[k]]) if C else torch.zeros(0, dtype=torch.float64) for k in SET_NAMES}
     table = []
-    for k in SET_NAMES:
-        sizes = torch.tensor([t.numel() for t in sets[k]], dtype=torch.long)
-        valid = sizes > 0
-        row: dict[str, Any] = {"set": k, "same_token": SET_CONDITIONS[k][0], "low_conf": SET_CONDITIONS[k][1],
-                               "mean_set_size": float(sizes[valid].double().mean()) if valid.any() else 0.0}
-        for mode in ("lm_head", "full"):
-            if mode not in res:
-                row.update({f"n_{mode}": 0, f"boost_rate_{mode}": nan, f"mean_boost_{mode}": nan})
-                continue
-            v = valid if mode == "lm_head" else valid[:n_f]
-            st = boost_stats(res[mode]["delta"][k], v)
-            row.update({f"n_{mode}": st["n"], f"boost_rate_{mode}": st["boost_rate"], f"mean_boost_{mode}": st["mean_boost"]})
-            net = net_adv[k][: v.numel()]
-            for tag, sel in (("netpos", net > 0), ("netneg", net < 0)):  # split by the sign of sum_{k in M} A_k
-                st = boost_stats(res[mode]["delta"][k], v & sel)
-                row.update({f"n_{mode}_{tag}": st["n"], f"boost_rate_{mode}_{tag}": st["boost_rate"],
-                            f"mean_boost_{mode}_{tag}": st["mean_boost"]})
-        if "lm_head" in res and "full" in res:  # paired: the head path on the full path's candidates
-            st = boost_stats(res["lm_head"]["delta"][k][:n_f], valid[:n_f])
-            row.update({"boost_rate_lm_head_paired": st["boost_rate"], "mean_boost_lm_head_paired": st["mean_boost"]})
-        table.append(row)
+    for reading in readings:
+        for k in SET_NAMES:
+            name = k if reading in ("all", "aligned") else f"{k}:{reading}"
+            sizes = torch.tensor([t.numel() for t in sets[name]], dtype=torch.long)
+            valid = sizes > 0  # (C,) an empty set gives delta = 0 exactly: not a measurement
+            row: dict[str, Any] = {"reading": reading, "set": k, "same_token": SET_CONDITIONS[k][0], "low_conf": SET_CONDITIONS[k][1],
+                                   "mean_set_size": float(sizes[valid].double().mean()) if valid.any() else 0.0}
+            for mode in ("lm_head", "full"):
+                if mode not in res:
+                    row.update({f"n_{mode}": 0, f"boost_rate_{mode}": nan, f"mean_boost_{mode}": nan})
+                    continue
+                d = _reading_delta(res[mode], k, reading, net_adv[k])
+                v = valid[: d.numel()]
+                s_ = boost_stats(d, v)
+                row.update({f"n_{mode}": s_["n"], f"boost_rate_{mode}": s_["boost_rate"], f"mean_boost_{mode}": s_["mean_boost"]})
+                if reading == "all":  # candidates split by the sign of sum_{k in M} A_k
+                    net = net_adv[k][: d.numel()]
+                    for tag, sel in (("netpos", net > 0), ("netneg", net < 0)):
+                        s_ = boost_stats(d, v & sel)
+                        row.update({f"n_{mode}_{tag}": s_["n"], f"boost_rate_{mode}_{tag}": s_["boost_rate"],
+                                    f"mean_boost_{mode}_{tag}": s_["mean_boost"]})
+            if "lm_head" in res and "full" in res:  # paired: the head path on the full path's candidates
+                s_ = boost_stats(_reading_delta(res["lm_head"], k, reading, net_adv[k])[:n_f], valid[:n_f])
+                row.update({"n_lm_head_paired": s_["n"], "boost_rate_lm_head_paired": s_["boost_rate"],
+                            "mean_boost_lm_head_paired": s_["mean_boost"]})
+            table.append(row)
     summary: dict[str, Any] = {
         "table": table,
+        "readings": list(readings),
         "sign_agreement": sign_agreement(res["full"]["delta_all"], res["lm_head"]["delta_all"]) if len(res) == 2 else nan,
         "mean_abs_delta_lm_head": float(res["lm_head"]["delta_all"].abs().mean()) if "lm_head" in res else nan,
         "mean_abs_delta_full": float(res["full"]["delta_all"].abs().mean()) if "full" in res else nan,
@@ -693,8 +853,14 @@ def masking_probe(
         "full_candidates": n_f if "full" in res else 0,
         "tokens_in_loss": int(in_loss.sum()),
         "eligible_tokens": int((torch.bincount(ids[in_loss], minlength=int(ids.max()) + 1)[ids] - in_loss.long() >= 1).sum()),
-        "low_conf_tokens": int((old_prob < threshold).sum()),
+        "low_conf_tokens": int(low.sum()),
+        "low_conf_candidates": int(low[cands].sum()) if C else 0,
+        "confidence": confidence,
         "threshold": threshold,
+        "low_conf_cut": cut,
+        "low_conf_rule": (f"old prob < {cut:g}" if confidence == "prob" else f"entropy > {cut:.4g} (batch {threshold:g}-quantile)")
+        + (", candidate and masked token (pair)" if pair else ", masked token"),
+        "pair": pair,
         "lr": lr,
         "temperature": temperature,
         "seed": seed,

@@ -14,7 +14,8 @@ What it does
     of the update of rollout step N, from probes/flip_step_N.parquet), half
     from rows with A > 0 and half from rows with A < 0, estimates their values
     and reports the value gap (mean boosted - mean suppressed) with a
-    bootstrap CI (Fig. 5a), per top-k% entropy subset (Fig. 5b) and, with
+    bootstrap CI (Fig. 5a), per top-k% entropy subset (Fig. 5b: cut-offs over
+    all response tokens of the batch, ``entropy_cutoffs``) and, with
     `--repeat U`, after u = 1..U repeated updates on that batch (Fig. 11).
 
 How the 2M continuations of one token share work
@@ -149,24 +150,103 @@ def split_gap(records: Sequence[dict], n_boot: int = 1000, seed: int = 0, kind_k
     }
 
 
+def _topk_count(n_tokens: int, k: float) -> int:
+    """Size of the top-k% subset of n_tokens tokens: max(1, ceil(n k / 100))."""
+    return max(1, int(math.ceil(n_tokens * k / 100.0 - 1e-9)))
+
+
+def _batch_entropies(entropy, mask) -> np.ndarray:
+    """(N,) float64 finite entropies of the response tokens: entropy and mask of
+    one shape, e.g. (B, T) with mask = response_mask (1 = response token)."""
+    e = np.asarray(entropy.detach().cpu() if isinstance(entropy, torch.Tensor) else entropy, dtype=np.float64)
+    m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.float64)
+    if e.shape != m.shape:
+        raise ValueError(f"entropy {e.shape} and mask {m.shape} differ in shape")
+    e = e[m > 0]  # (N,) response tokens only
+    return e[np.isfinite(e)]
+
+
+def entropy_cutoffs(entropy, mask, ks: Sequence[float] = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)) -> np.ndarray:
+    """(K,) Fig. 5b cut-offs from the whole batch: "sort all tokens by entropy".
+
+    entropy and mask of one shape, e.g. (B, T) entropies and response_mask
+    (1 = response token; padding and non-finite entropies are ignored), or
+    (N,) flip-record columns with a mask of ones. For each k (percent, in
+    (0, 100]) the cut-off is the n_k-th largest of the batch's N response-
+    token entropies, n_k = max(1, ceil(N k / 100)); the top-k% subset is every
+    token with entropy >= cut-off (ties at the cut-off all go in).
+    """
+    e = _batch_entropies(entropy, mask)
+    if e.size == 0:
+        raise ValueError("entropy_cutoffs: the batch has no response token with a finite entropy")
+    if not all(0.0 < float(k) <= 100.0 for k in ks):
+        raise ValueError(f"entropy_cutoffs: every k must be a percentage in (0, 100], got {list(ks)}")
+    desc = np.sort(e)[::-1]  # (N,) highest first
+    return np.array([desc[_topk_count(e.size, float(k)) - 1] for k in ks], dtype=np.float64)
+
+
+def entropy_ranks(values: Sequence[float], entropy, mask) -> np.ndarray:
+    """(n,) int: 1 + the number of the batch's response tokens (entropy, mask as
+    in ``entropy_cutoffs``) with a strictly higher entropy than each of
+    `values`. A token is in the batch's top-k% subset iff its rank <= n_k
+    (same subsets as ``entropy_cutoffs``, ties included); the value probe
+    stores it per record so a reader without the batch can rebuild them."""
+    desc = np.sort(_batch_entropies(entropy, mask))  # ascending
+    v = np.asarray(values, dtype=np.float64)
+    return 1 + desc.size - np.searchsorted(desc, v, side="right")
+
+
 def entropy_topk_gaps(
     records: Sequence[dict],
     ks: Sequence[float] = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100),
     n_boot: int = 1000,
     seed: int = 0,
+    *,
+    cutoffs: Sequence[float] | None = None,
 ) -> list[dict[str, float]]:
-    """Fig. 5b: sort the valued tokens by entropy (highest first) and compute the
-    value gap on the top-k% subset for each k in `ks` (percent). Records need
-    "entropy", "value", "kind". Returns one split_gap dict per k, plus "k" and "n"."""
-    rs = [r for r in records if r.get("value") is not None and np.isfinite(r.get("entropy", np.nan)) and np.isfinite(r["value"])]
+    """Fig. 5b: value gap on the valued tokens that lie in the batch's top-k%
+    highest-entropy subset, for each k in `ks` (percent). Records need
+    "entropy", "value", "kind".
+
+    cutoffs (K,): the batch-wide cut-offs of ``entropy_cutoffs`` (computed
+    over all response tokens of the batch, as the paper does); a record is in
+    the top-k% subset iff entropy >= cutoffs[i]. Without them, records that
+    all carry "entropy_rank" and "entropy_tokens" (written by the probe) are
+    selected by rank <= n_k, which is the same batch-wide subset; otherwise
+    (older files) the valued tokens themselves are ranked, a different and
+    biased subset ("scope": "valued", with a warning).
+    Returns one split_gap dict per k, plus "k", "n" (records in the subset),
+    "cutoff" (NaN unless given) and "scope" ("batch" or "valued").
+    """
+    rs = [r for r in records if r.get("value") is not None and np.isfinite(_f64(r.get("entropy"))) and np.isfinite(r["value"])]
+    if cutoffs is not None and len(cutoffs) != len(ks):
+        raise ValueError(f"entropy_topk_gaps: {len(cutoffs)} cutoffs for {len(ks)} values of k")
+    ranked = cutoffs is None and bool(rs) and all(r.get("entropy_rank") is not None and r.get("entropy_tokens") for r in rs)
+    if ranked and len({int(r["entropy_tokens"]) for r in rs}) != 1:
+        raise ValueError("entropy_topk_gaps: records come from batches of different sizes (entropy_tokens); pass cutoffs")
+    if cutoffs is None and not ranked and rs:
+        log.warning("entropy_topk_gaps: no batch-wide entropy cut-offs; ranking the %d valued tokens themselves", len(rs))
     rs.sort(key=lambda r: -r["entropy"])
     out = []
-    for k in ks:
-        n = max(1, int(math.ceil(len(rs) * k / 100.0))) if rs else 0
-        d = split_gap(rs[:n], n_boot=n_boot, seed=seed)
-        d.update({"k": float(k), "n": n})
+    for i, k in enumerate(ks):
+        if cutoffs is not None:
+            sub, scope = [r for r in rs if r["entropy"] >= cutoffs[i]], "batch"
+        elif ranked:
+            nk = _topk_count(int(rs[0]["entropy_tokens"]), float(k))
+            sub, scope = [r for r in rs if int(r["entropy_rank"]) <= nk], "batch"
+        else:
+            sub, scope = rs[: _topk_count(len(rs), float(k)) if rs else 0], "valued"
+        d = split_gap(sub, n_boot=n_boot, seed=seed)
+        d.update({"k": float(k), "n": len(sub), "cutoff": float(cutoffs[i]) if cutoffs is not None else math.nan, "scope": scope})
         out.append(d)
     return out
+
+
+def _f64(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def repeat_gaps(records: Sequence[dict], eps: float = 1e-6, n_boot: int = 1000, seed: int = 0) -> list[dict[str, float]]:
@@ -632,7 +712,11 @@ def run_value_probe(
     Each line: step, row, position, token_id, token_text, kind, sign, advantage,
     delta, entropy, old_prob (flip record), p (recomputed), avg0, avg1, value
     (Eq. 20; null when 1 - p ~ 0), M, rewards0, rewards1, len0, len1, time_s,
-    seed, checkpoint, checkpoint_exact, and delta_repeat (list of U) with --repeat.
+    seed, checkpoint, checkpoint_exact, entropy_rank and entropy_tokens (the
+    token's place among the batch's N response-token entropies, see
+    ``entropy_ranks``; when the records have entropies), and delta_repeat
+    (list of U) with --repeat. result["entropy_topk"] uses the batch-wide
+    cut-offs (result["entropy_cutoffs"], {k: cut-off}).
     """
     import copy
 
@@ -652,6 +736,9 @@ def run_value_probe(
                              f"rerun with those, or pass --out for a new file")
     done_keys = {(r["row"], r["position"]) for r in done}
 
+    # Fig. 5b: the whole update batch's response-token entropies (every flip record is one response token)
+    batch_entropy = np.asarray([_f64(x) for x in cols.get("entropy", [])], dtype=np.float64)  # (N,)
+    batch_mask = np.isfinite(batch_entropy).astype(np.float64)  # (N,) tokens without an entropy are left out
     picks = select_tokens(cols["delta"], cols["advantage"], n_tokens, eps=cfg.probes.flip.eps, seed=seed)
     todo = [(i, kind, sign) for i, kind, sign in picks if (int(cols["row"][i]), int(cols["position"][i])) not in done_keys]
     result: dict[str, Any] = {"path": out, "written": 0, "skipped": len(picks) - len(todo), "selected": len(picks)}
@@ -723,6 +810,9 @@ def run_value_probe(
                 "old_prob": float(cols["old_prob"][i]) if "old_prob" in cols else None,
                 **res, "seed": seed, "checkpoint": desc, "checkpoint_exact": exact,
             }
+            if rec["entropy"] is not None and math.isfinite(rec["entropy"]):  # its place among the batch's entropies (Fig. 5b)
+                rec["entropy_rank"] = int(entropy_ranks([rec["entropy"]], batch_entropy, batch_mask)[0])
+                rec["entropy_tokens"] = int(batch_mask.sum())
             if (r, t) in delta_repeat:
                 rec["delta_repeat"] = delta_repeat[(r, t)]
             fh.write(json.dumps({k2: _json_safe(v) for k2, v in rec.items()}) + "\n")
@@ -754,7 +844,12 @@ def run_value_probe(
     recs = read_done(out)
     result["gap"] = split_gap(recs)
     result["by_sign"] = {s: split_gap([r for r in recs if r.get("sign") == s]) for s in ("pos", "neg")}
-    result["entropy_topk"] = entropy_topk_gaps([r for r in recs if r.get("entropy") is not None], ks=(20, 40, 60, 80, 100))
+    ks = (20, 40, 60, 80, 100)
+    if batch_mask.any():  # cut-offs over all response tokens of the batch, not over the valued ones
+        result["entropy_cutoffs"] = dict(zip(ks, entropy_cutoffs(batch_entropy, batch_mask, ks).tolist()))
+        result["entropy_topk"] = entropy_topk_gaps(recs, ks=ks, cutoffs=list(result["entropy_cutoffs"].values()))
+    else:
+        result["entropy_topk"] = []
     result["repeat"] = repeat_gaps(recs)
     ps = [(r["p"], r["old_prob"]) for r in recs if r.get("old_prob") is not None and r.get("p") is not None and r.get("checkpoint_exact")]
     if ps and cfg.rollout.temperature > 0 and cfg.rollout.top_p >= 1.0:  # else p is of another distribution than old_prob
@@ -793,8 +888,8 @@ def cmd_value(args) -> int:
         print(f"  {label}: gap {b['gap']:.4f} [{b['lo']:.4f}, {b['hi']:.4f}]  mean boosted {b['mean_boosted']:.4f}, "
               f"mean suppressed {b['mean_suppressed']:.4f}")
     if res["entropy_topk"]:
-        print("  gap on the top-k% highest-entropy tokens (Fig. 5b): "
-              + ", ".join(f"k={r['k']:.0f}%: {r['gap']:.4f}" for r in res["entropy_topk"]))
+        print("  gap on the valued tokens in the batch's top-k% highest-entropy tokens (Fig. 5b; cut-offs over all "
+              "response tokens of the batch): " + ", ".join(f"k={r['k']:.0f}% (n={r['n']}): {r['gap']:.4f}" for r in res["entropy_topk"]))
     if res["repeat"]:
         print("  gap after u repeated updates (Fig. 11): " + ", ".join(f"u={r['update']}: {r['gap']:.4f}" for r in res["repeat"]))
     return 0
