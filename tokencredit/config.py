@@ -126,7 +126,7 @@ class TokenWeightsConfig(_Section):
     top: float = Field(0.2, gt=0.0, le=1.0, description="Forking: kept top fraction by entropy (80/20 paper: 0.2).")
     band: tuple[float, float] = Field((0.0, 0.4), description="entropy_band: keep tokens ranked between the top-lo and top-hi entropy fractions; (0, 0.4) = top 40%, where the cancellation paper's value gap peaks (Fig. 5b).")
     lam: float = Field(0.1, ge=0.0, description="W-REINFORCE weight of positive samples.")
-    scope: Literal["micro-batch", "mini-batch", "rollout-batch"] = Field("mini-batch", description="Rows over which entropy quantiles (and ResRL subspaces) are computed.")
+    scope: Literal["micro-batch", "mini-batch", "rollout-batch"] = Field("mini-batch", description="Rows over which entropy quantiles are computed. ResRL ignores it: its subspaces are always built per whole group over the update set (docs/token_weights.md).")
     denominator: Literal["all", "kept"] = Field("all", description="Token-mean over all valid tokens (80/20 paper, TRL) or only kept ones (authors' verl code).")
     resrl_rank: int = Field(64, gt=0, description="ResRL: rank of the positive subspace.")
     resrl_max_pos_tokens: int = Field(8192, gt=3, description="ResRL: positive tokens per group used for the subspace (subsampled).")

@@ -35,7 +35,7 @@ from tokencredit.algo.advantages import group_advantages
 from tokencredit.algo.losses import aggregate, denominator, kl_penalty, loss_mask, masked_mean, policy_loss
 from tokencredit.batch import RolloutBatch
 from tokencredit.algo.token_weights import SAMPLE_POLARITY_METHODS, training_advantages
-from tokencredit.batching import PLANNERS, RewardBalancedBuffer, groups_with_signal, minibatch_metrics
+from tokencredit.batching import PLANNERS, RewardBalancedBuffer, advantage_sign, groups_with_signal, minibatch_metrics
 from tokencredit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tokencredit.config import Config, dump_config
 from tokencredit.probes.flip import flip_records, flip_stats
@@ -422,6 +422,25 @@ class Trainer:
         if batch.old_logprob is None:
             batch.old_logprob = l_before
 
+    def _sampling_forward(self, batch: RolloutBatch) -> None:
+        """Log-probs (the importance ratio's old policy), entropies and, for ResRL,
+        hidden states of the sampling policy, for rows about to be buffered. Rows
+        with zero training advantage are dropped by the buffer, so they are not
+        forwarded (their fields stay 0)."""
+        B, T = batch.response_ids.shape
+        rows = advantage_sign(batch.advantage).ne(0).nonzero().squeeze(1)  # [R]
+        need_hidden = self.cfg.token_weights.method == "resrl"
+        batch.old_logprob, batch.entropy = torch.zeros(B, T), torch.zeros(B, T)
+        batch.hidden = None
+        if len(rows) == 0:
+            return
+        cur = self._forward_rows(batch.select(rows), with_entropy=True, with_hidden=need_hidden)
+        t = cur["logprob"].shape[1]
+        batch.old_logprob[rows, :t], batch.entropy[rows, :t] = cur["logprob"], cur["entropy"]
+        if need_hidden:
+            batch.hidden = torch.zeros(B, T, cur["hidden"].shape[-1], dtype=cur["hidden"].dtype)
+            batch.hidden[rows, :t] = cur["hidden"]
+
     def _micro_step(self, u: RolloutBatch, denom: float, count_zero: bool) -> dict[str, float]:
         from tokencredit.model import forward_tokens
 
@@ -500,8 +519,7 @@ class Trainer:
             if self.buffer is not None:
                 # sampling-time policy: old_logprob kept for the ratio; entropy (and ResRL's hidden
                 # states) serve the update directly while the row is fresh
-                cur = self._forward_rows(batch, with_entropy=True, with_hidden=cfg.token_weights.method == "resrl")
-                batch.old_logprob, batch.entropy, batch.hidden = cur["logprob"], cur["entropy"], cur.get("hidden")
+                self._sampling_forward(batch)
                 self.buffer.add(batch, self.policy_version)
                 update_set, bst = self.buffer.pop_update_set(self.policy_version)
                 m.update(bst)
