@@ -165,3 +165,16 @@ def test_every_token_weight_method_runs_in_the_trainer(digits_file, tmp_path, sc
             assert 0.15 <= m["tw_kept_frac"] <= 0.45
         if method == "resrl":
             assert m["resrl_groups"] + m["resrl_groups_skipped"] >= 1
+
+
+def test_dynamic_sampling_with_no_signal_stops_at_the_round_cap(digits_file, tmp_path):
+    """All rewards equal for every round: the step trains on nothing, says so, and the
+    buffer (on) stays empty; nothing crashes and the cursor moved max_gen_rounds rounds."""
+    cfg = load_config(None, tiny_overrides(digits_file, tmp_path, **{"output.run_name": "ds0", **DS, **RB_QB, "train.steps": 2}))
+    tr = Trainer(cfg)
+    tr.verifier = lambda texts, answers: [0.0] * len(texts)
+    tr.train()
+    rows = _metrics(tr.run_dir)
+    assert [r["ds_gen_rounds"] for r in rows] == [3, 3] and [r["ds_short_groups"] for r in rows] == [4, 4]
+    assert all(r["skipped_update"] == 1.0 for r in rows) and tr.prompt_cursor == 2 * 3 * 4
+    assert rows[-1]["rb_dropped_zero_adv"] == 0 and rows[-1]["rb_size"] == 0

@@ -384,7 +384,7 @@ class RewardBalancedBuffer:
         rows (0 when none), rb_buffer_max_age the rows still held.
     """
 
-    def __init__(self, tau: float, update_rows: int, max_age: int = 2, keep_groups: bool = True,
+    def __init__(self, tau: float, update_rows: int, max_age: int = 1, keep_groups: bool = True,
                  warn_after: int = 8, max_rows: int | None = None):
         if not 0.0 <= tau <= 0.5:
             raise ValueError(f"RewardBalancedBuffer: tau must be in [0, 0.5] (paper: 0.25 or 0.5), got {tau}")

@@ -105,7 +105,7 @@ class TrainConfig(_Section):
 class RewardBalanceConfig(_Section):
     tau: Optional[float] = Field(0.25, ge=0.0, le=0.5, description="Reward-balanced batching (cancellation paper Sec. 4): each rollout step releases the largest update set B with min(N+, N-) >= tau*|B| (N+/N-: rows whose training advantage is > 0 / < 0), freshest rows first; the rest waits in a buffer. None = off; paper: 0.5 (Qwen2.5-Math-7B, Qwen3-4B) or 0.25 (Qwen3-1.7B). With n=4 and tau=0.25 every mixed group is already balanced, so RB only drops all-equal groups (docs/batching.md).")
     update_rows: Optional[int] = Field(None, gt=0, description="Largest update set released per rollout step, in rows (None = the rollout batch, prompts_per_step * n). Optimizer steps per release follow from train.mini_batch_size.")
-    max_age: int = Field(2, ge=0, description="Held rows older than this many policy versions are dropped (counted as rb_dropped_stale); they train with their sampling-time log-probs in the importance ratio.")
+    max_age: int = Field(1, ge=0, description="Held rows older than this many policy versions are dropped (counted as rb_dropped_stale); held rows train with their sampling-time log-probs in the importance ratio. 1 (default) bounds the mean age of what trains by 1 policy version.")
     warn_after: int = Field(8, gt=0, description="Warn when this many consecutive rollout steps release nothing.")
 
     @model_validator(mode="before")
