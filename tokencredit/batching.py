@@ -518,6 +518,12 @@ class RewardBalancedBuffer:
             c["released_total"] += len(released)
         return released, self._stats(released, now)
 
+    @property
+    def utilisation(self) -> float:
+        """Rows released / nonzero-advantage rows added, cumulative (0 before any add)."""
+        c = self._counters
+        return c["released_total"] / c["sampled_total"] if c["sampled_total"] else 0.0
+
     def _signs(self) -> tuple[int, int]:
         if self._rows is None:
             return 0, 0
@@ -539,7 +545,7 @@ class RewardBalancedBuffer:
             "rb_released_neg": float((rel_sign < 0).sum()),
             "rb_released_total": float(c["released_total"]),
             "rb_sampled_total": float(c["sampled_total"]),
-            "rb_utilisation": c["released_total"] / c["sampled_total"] if c["sampled_total"] else 0.0,
+            "rb_utilisation": self.utilisation,
             "rb_dropped_stale": float(c["dropped_stale"]),
             "rb_dropped_zero_adv": float(c["dropped_zero_adv"]),
             "rb_dropped_overflow": float(c["dropped_overflow"]),

@@ -80,6 +80,10 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     t.add_row("train reward: first step -> last step", f"{fmt(summary['reward_first_step'])} -> {fmt(summary['reward_last_step'])}")
     if "eval_accuracy_start" in summary:
         t.add_row("held-out accuracy: start -> end", f"{fmt(summary['eval_accuracy_start'])} -> {fmt(summary['eval_accuracy_end'])}")
+    if "optimizer_steps" in summary:
+        t.add_row("optimizer steps", fmt(summary["optimizer_steps"]))
+    if "rb_utilisation" in summary:
+        t.add_row("rows trained / nonzero-advantage rows sampled", fmt(summary["rb_utilisation"]))
     t.add_row("generated tokens / s (whole loop)", fmt(summary["tokens_per_s"]))
     t.add_row("wall time (s)", fmt(summary["wall_s"]))
     t.add_row("run directory", str(run_dir))

@@ -199,6 +199,34 @@ def fig_flip_fractions(metrics: list[dict]):
     return fig
 
 
+def fig_batching(metrics: list[dict]):
+    """What trained each rollout step: rows by advantage sign, rows the buffer still
+    holds, their age, and the cumulative share of sampled rows that trained."""
+    steps = [r for r in metrics if "reward_mean" in r]
+    if not any("update_rows" in r or "rb_size" in r for r in steps):
+        return "metrics.jsonl has no update_rows / rb_* (no update ran)"
+    fig, (a, b) = _figure(2)
+    for key, label, color in (("update_pos_rows", "trained, A > 0", "tab:green"), ("update_neg_rows", "trained, A < 0", "tab:red"),
+                              ("rb_size", "held in the buffer", "tab:gray")):
+        x, y = _series(steps, key)
+        if y:
+            a.plot(x, y, "o-", ms=3, color=color, label=label)
+    a.set(title="rows per rollout step", xlabel="rollout step", ylabel="rows")
+    a.legend(fontsize=8)
+    _steps_axis(a)
+    x, y = _series(steps, "rb_utilisation")
+    if y:
+        b.plot(x, y, "o-", ms=3, color="tab:blue", label="rb_utilisation (trained / sampled, cumulative)")
+        x2, y2 = _series(steps, "rb_mean_age")
+        b.plot(x2, y2, "s--", ms=3, color="tab:orange", label="mean age of trained rows (policy versions)")
+        b.legend(fontsize=8)
+        _steps_axis(b)
+    else:
+        _empty(b, "reward-balanced buffer off")
+    b.set(title="reward-balanced buffer", xlabel="rollout step")
+    return fig
+
+
 def fig_timing(metrics: list[dict]):
     keys = sorted({k for r in metrics for k in r if k.startswith("time_") and k.endswith("_s") and k != "time_step_s"})
     if not keys:
@@ -369,6 +397,8 @@ def _plan(run_dir: Path, metrics: list[dict]) -> list[tuple[str, str, Callable[[
         ("reward_accuracy", "Training reward and held-out accuracy", lambda: fig_reward_accuracy(metrics)),
         ("flip_fractions", "Token flips by advantage sign (cancellation paper Fig. 1): fraction of response tokens "
          "whose log-prob rose (boosted), fell (suppressed) or stayed within eps after each update", lambda: fig_flip_fractions(metrics)),
+        ("batching", "What trained: rows by advantage sign and rows held by the reward-balanced buffer (cancellation paper Sec. 4); "
+         "right: share of nonzero-advantage rows that trained and their age", lambda: fig_batching(metrics)),
         ("timing", "Where the time of a rollout step goes", lambda: fig_timing(metrics)),
     ]
     probes = run_dir / "probes"
@@ -482,7 +512,7 @@ def _fmt(v: Any) -> str:
 
 
 GLANCE = ("reward_mean", "eval_accuracy", "response_len_mean", "entropy_mean", "flip_pos_boosted", "flip_neg_boosted",
-          "flip_all_boosted", "flip_all_suppressed", "grad_norm", "rb_released_rows", "gen_tokens_per_s")
+          "flip_all_boosted", "flip_all_suppressed", "grad_norm", "update_rows", "rb_utilisation", "rb_mean_age", "gen_tokens_per_s")
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1150px;color:#222;padding:0 16px}

@@ -547,11 +547,14 @@ class Trainer:
         bar.close()
         summary = {
             "steps": self.rollout_step,
+            "optimizer_steps": self.optim_steps,
             "reward_first_step": self.first_reward,
             "reward_last_step": self.last_reward,
             "tokens_per_s": (self.tokens_generated - tokens_at_start) / max(time.perf_counter() - t_start, 1e-9),
             "wall_s": time.perf_counter() - t_start,
         }
+        if self.buffer is not None:
+            summary["rb_utilisation"] = self.buffer.utilisation
         if self.eval_prompts:
             e = self.evaluate()
             self.eval_history.append((self.rollout_step, e.accuracy))
