@@ -189,3 +189,15 @@ def test_batching_figure_draws_only_with_update_metrics():
     assert list(b.get_lines()[0].get_ydata()) == [1.0, 0.5, 1 / 3]
     no_buffer = [{k: v for k, v in r.items() if not k.startswith("rb_")} for r in rows]
     assert fig_batching(no_buffer).axes[1].texts[0].get_text() == "reward-balanced buffer off"
+
+
+def test_held_out_panel_with_one_evaluation_point():
+    from tokencredit.report import fig_reward_accuracy
+
+    rows = [{"step": 1, "reward_mean": 0.5}, {"step": 2, "reward_mean": 0.6}, {"step": 2, "eval_accuracy": 0.4, "eval_k": 1}]
+    b = fig_reward_accuracy(rows).axes[1]
+    assert b.get_xlim() == (1.0, 3.0) and b.texts[0].get_text() == "0.400"
+    rows += [{"step": 4, "eval_accuracy": 0.5, "eval_pass_at_k": 0.75, "eval_k": 4}]
+    b = fig_reward_accuracy(rows).axes[1]
+    assert [line.get_label() for line in b.get_lines()] == ["avg@k (accuracy)", "pass@k"]
+    assert list(b.get_lines()[1].get_ydata()) == [0.75]

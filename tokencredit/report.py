@@ -158,8 +158,15 @@ def fig_reward_accuracy(metrics: list[dict]):
         _empty(a, "no reward logged")
     a.set(title="train reward (mean over the rollout batch)", xlabel="rollout step", ylabel="reward")
     if ey:
-        b.plot(ex, ey, "s-", color="tab:purple", ms=4)
+        b.plot(ex, ey, "s-", color="tab:purple", ms=4, label="avg@k (accuracy)")
+        px, py = _series([r for r in metrics if _num(r.get("eval_k", 1)) > 1], "eval_pass_at_k")
+        if py:
+            b.plot(px, py, "^--", color="tab:pink", ms=4, label="pass@k")
+            b.legend(fontsize=8)
         _steps_axis(b, unit_interval=True)
+        if len(set(ex)) == 1:  # one evaluation: a readable axis around it, the value written out
+            b.set_xlim(ex[0] - 1, ex[0] + 1)
+            b.annotate(f"{ey[-1]:.3f}", (ex[-1], ey[-1]), textcoords="offset points", xytext=(6, 6))
     else:
         _empty(b, "no evaluation logged")
     b.set(title="held-out accuracy", xlabel="rollout step", ylabel="accuracy")
