@@ -178,3 +178,20 @@ def test_dynamic_sampling_with_no_signal_stops_at_the_round_cap(digits_file, tmp
     assert [r["ds_gen_rounds"] for r in rows] == [3, 3] and [r["ds_short_groups"] for r in rows] == [4, 4]
     assert all(r["skipped_update"] == 1.0 for r in rows) and tr.prompt_cursor == 2 * 3 * 4
     assert rows[-1]["rb_dropped_zero_adv"] == 0 and rows[-1]["rb_size"] == 0
+
+
+def test_resrl_weights_do_not_depend_on_scope_or_planner_cuts(digits_file, tmp_path):
+    """ResRL subspaces are per whole group over the update set, however the batch is cut."""
+    states = []
+    for scope in ("micro-batch", "mini-batch", "rollout-batch"):
+        cfg = load_config(None, tiny_overrides(digits_file, tmp_path, **{
+            "output.run_name": f"resrl-{scope}", "train.steps": 1, "token_weights.method": "resrl", "token_weights.scope": scope,
+            "token_weights.resrl_rank": 2, "train.micro_batch_size": 3, "batching.planner": "token_balanced"}))
+        tr = Trainer(cfg)
+        tr.train()
+        m = _metrics(tr.run_dir)[0]
+        assert m["resrl_groups"] >= 1, "precondition: a group with both signs"
+        states.append(tr.model.state_dict())
+    for s in states[1:]:
+        for n in s:
+            assert torch.equal(states[0][n], s[n]), n
