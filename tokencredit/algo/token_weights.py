@@ -198,10 +198,11 @@ _POLARITY = {
 }
 
 
-def polarity_advantages(rewards: torch.Tensor, mode: str, lam: float = 0.1) -> torch.Tensor:
+def polarity_advantages(rewards: torch.Tensor, mode: str, lam: float = 0.1, threshold: float = 0.5) -> torch.Tensor:
     """Zhu et al. (2025) sample-polarity advantages; these REPLACE GRPO advantages.
 
-    rewards: (B,) in {0, 1}; reward > 0.5 counts as correct. No baseline, no std.
+    rewards: (B,); reward >= threshold counts as correct (the trainer passes
+    reward.correct_threshold; 0.5 for 0/1 rewards). No baseline, no std.
       psr:         A = +1 correct, 0 incorrect
       nsr:         A =  0 correct, -1 incorrect
       w_reinforce: A = +lam correct, -1 incorrect (lam = 0.1)
@@ -211,7 +212,7 @@ def polarity_advantages(rewards: torch.Tensor, mode: str, lam: float = 0.1) -> t
         raise ValueError(f"unknown polarity mode {mode!r}; valid: {', '.join(sorted(_POLARITY))}")
     a_pos, a_neg = _POLARITY[mode]
     a_pos = lam if a_pos == "lam" else a_pos
-    correct = rewards > 0.5  # (B,)
+    correct = rewards >= threshold  # (B,)
     out = torch.full(rewards.shape, float(a_neg), dtype=torch.float32, device=rewards.device)
     out[correct] = float(a_pos)
     return out
@@ -221,14 +222,14 @@ def polarity_advantages(rewards: torch.Tensor, mode: str, lam: float = 0.1) -> t
 polarity_weights = polarity_advantages
 
 
-def sign_mask_advantages(advantages: torch.Tensor, rewards: torch.Tensor, keep: str) -> torch.Tensor:
+def sign_mask_advantages(advantages: torch.Tensor, rewards: torch.Tensor, keep: str, threshold: float = 0.5) -> torch.Tensor:
     """Cancellation-paper control (App. E.1): keep GRPO advantages, mask rows.
 
     advantages, rewards: (B,). keep="positive": A+ = A * 1[r = 1];
-    keep="negative": A- = A * 1[r != 1]. "r = 1" means reward > 0.5.
+    keep="negative": A- = A * 1[r != 1]. "r = 1" means reward >= threshold.
     Returns (B,) in advantages' dtype.
     """
-    correct = rewards > 0.5  # (B,)
+    correct = rewards >= threshold  # (B,)
     if keep == "positive":
         sel = correct
     elif keep == "negative":
@@ -242,7 +243,9 @@ def sign_mask_advantages(advantages: torch.Tensor, rewards: torch.Tensor, keep: 
 SAMPLE_POLARITY_METHODS = ("psr", "nsr", "w_reinforce", "positive_only", "negative_only")
 
 
-def training_advantages(method: str, advantages: torch.Tensor, rewards: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
+def training_advantages(
+    method: str, advantages: torch.Tensor, rewards: torch.Tensor, lam: float = 0.1, threshold: float = 0.5
+) -> torch.Tensor:
     """The advantage that trains each row: (B,) -> (B,).
 
     Sample-polarity methods replace (psr, nsr, w_reinforce) or mask (positive_only,
@@ -251,14 +254,15 @@ def training_advantages(method: str, advantages: torch.Tensor, rewards: torch.Te
     this right after the group advantages, before dynamic sampling and the
     reward-balanced buffer, so both count the signs that actually train (an
     all-correct group under w_reinforce keeps +lam on every row). Every other
-    method returns `advantages` unchanged. Idempotent.
+    method returns `advantages` unchanged. Idempotent. A row is correct when its
+    reward >= threshold (reward.correct_threshold).
     """
     if method in ("psr", "nsr", "w_reinforce"):
-        return polarity_advantages(rewards, method, lam).to(advantages.dtype)
+        return polarity_advantages(rewards, method, lam, threshold).to(advantages.dtype)
     if method == "positive_only":
-        return sign_mask_advantages(advantages, rewards, "positive")
+        return sign_mask_advantages(advantages, rewards, "positive", threshold)
     if method == "negative_only":
-        return sign_mask_advantages(advantages, rewards, "negative")
+        return sign_mask_advantages(advantages, rewards, "negative", threshold)
     return advantages
 
 
@@ -306,13 +310,13 @@ def _m_entropy_band(inp, lo: float = 0.0, hi: float = 0.4):
 def _polarity(mode: str):
     if mode == "w_reinforce":
 
-        def fn(inp, lam: float = 0.1):
-            return None, polarity_advantages(_need(inp, "rewards", mode), mode, lam), {}
+        def fn(inp, lam: float = 0.1, threshold: float = 0.5):
+            return None, polarity_advantages(_need(inp, "rewards", mode), mode, lam, threshold), {}
 
     else:
 
-        def fn(inp):
-            return None, polarity_advantages(_need(inp, "rewards", mode), mode), {}
+        def fn(inp, threshold: float = 0.5):
+            return None, polarity_advantages(_need(inp, "rewards", mode), mode, threshold=threshold), {}
 
     return fn
 
@@ -322,20 +326,20 @@ for _mode in ("psr", "nsr", "w_reinforce"):
 
 
 @TOKEN_WEIGHT_METHODS.register("positive_only")
-def _m_positive_only(inp):
-    return None, sign_mask_advantages(inp["advantages"], _need(inp, "rewards", "positive_only"), "positive"), {}
+def _m_positive_only(inp, threshold: float = 0.5):
+    return None, sign_mask_advantages(inp["advantages"], _need(inp, "rewards", "positive_only"), "positive", threshold), {}
 
 
 @TOKEN_WEIGHT_METHODS.register("negative_only")
-def _m_negative_only(inp):
-    return None, sign_mask_advantages(inp["advantages"], _need(inp, "rewards", "negative_only"), "negative"), {}
+def _m_negative_only(inp, threshold: float = 0.5):
+    return None, sign_mask_advantages(inp["advantages"], _need(inp, "rewards", "negative_only"), "negative", threshold), {}
 
 
 _RESRL_PARAMS = ("rank", "max_pos_tokens", "q_low", "q_high", "min_w", "pos_scale", "niter", "svd")
 
 
 @TOKEN_WEIGHT_METHODS.register("resrl")
-def _m_resrl(inp, **params):
+def _m_resrl(inp, threshold: float = 0.5, **params):
     bad = sorted(set(params) - set(_RESRL_PARAMS))
     if bad:
         raise TypeError(f"token weight method 'resrl': unknown parameters {bad}; valid: {', '.join(_RESRL_PARAMS)}")
@@ -343,7 +347,7 @@ def _m_resrl(inp, **params):
     group_id = _need(inp, "group_id", "resrl")
     is_pos = inp["is_positive"]
     if is_pos is None:
-        is_pos = _need(inp, "rewards", "resrl") > 0.5
+        is_pos = _need(inp, "rewards", "resrl") >= threshold
     w, stats = resrl_weights(hidden, inp["mask"], group_id, is_pos, generator=inp["generator"], **params)
     return w, inp["advantages"], stats
 
@@ -374,10 +378,12 @@ def compute_token_weights(
       them for an unknown name).
     mask: (B, T) response mask; advantages: (B,); entropy: (B, T); rewards: (B,);
     group_id: (B,); hidden: (B, T, H) (resrl); is_positive: (B,) bool (resrl;
-    default rewards > 0.5); generator: for forking_random / resrl subsampling.
+    default rewards >= threshold); generator: for forking_random / resrl subsampling.
     params: the method's own keywords (forking/forking_random: top=0.2;
       forking_low: bottom=0.8; entropy_band: lo=0.0, hi=0.4; w_reinforce: lam=0.1;
-      resrl: rank, max_pos_tokens, q_low, q_high, min_w, pos_scale, niter, svd).
+      resrl: rank, max_pos_tokens, q_low, q_high, min_w, pos_scale, niter, svd;
+      psr / nsr / w_reinforce / positive_only / negative_only / resrl:
+      threshold=0.5, the reward at or above which a row is correct).
       An unknown keyword is a TypeError.
 
     Returns (token_weight, advantages, stats):

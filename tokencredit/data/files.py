@@ -2,8 +2,10 @@
 
 Each row needs a question (field `prompt`, else `problem`, or the field you
 name) and an `answer` (a string, or a number, which is turned into a string).
-An `id` field is used if present, else `<file stem>-<row index>`. Blank lines
-in a `.jsonl` file are skipped.
+An `id` field is used if present, else `<file stem>-<row index>`. Every other
+column (id included) is kept in `Problem.extra` and reaches user reward
+functions as keyword arguments (docs/rewards.md). Blank lines in a `.jsonl`
+file are skipped.
 
 Every problem with a file raises `DataError` with a one-line message naming the
 file, the 1-based line (`.jsonl`) or row (`.parquet`) and what is wrong:
@@ -22,18 +24,20 @@ Try it:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One question with its verifiable answer; `prompt` has no chat markup."""
+    """One question with its verifiable answer; `prompt` has no chat markup.
+    `extra`: the data file's other columns (name -> value), for reward functions."""
 
     prompt: str
     answer: str
     id: str
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 class DataError(ValueError):
@@ -127,7 +131,8 @@ def _row_to_problem(
         raise DataError(f"{where}: empty field '{answer_field}'")
     pid = row.get("id")
     pid = str(pid) if isinstance(pid, (str, int)) and not isinstance(pid, bool) and str(pid) else f"{stem}-{index}"
-    return Problem(prompt=prompt, answer=answer.strip(), id=pid)
+    extra = {k: v for k, v in row.items() if k not in (field, answer_field)}
+    return Problem(prompt=prompt, answer=answer.strip(), id=pid, extra=extra)
 
 
 def _answer_text(value: Any, where: str, name: str) -> str:

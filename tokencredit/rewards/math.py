@@ -285,15 +285,20 @@ def _worker_main(read_fd: int, write_fd: int, timeout_s: int) -> None:
 
 
 class _Worker:
-    """One worker process and the parent's ends of its two pipes."""
+    """One worker process and the parent's ends of its two pipes.
 
-    def __init__(self, timeout_s: int):
+    The child runs `code` (default: the math-verify loop `_worker_main`) with
+    argv = [read fd, write fd, *args]; `tokencredit.rewards.functions` runs user
+    reward functions on the same kind of worker with its own `code`.
+    """
+
+    def __init__(self, *args: Any, code: str = _WORKER_CODE):
         child_in, self._out_fd = os.pipe()
         in_fd, child_out = os.pipe()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_CODE, str(child_in), str(child_out), str(timeout_s)],
+                [sys.executable, "-c", code, str(child_in), str(child_out), *map(str, args)],
                 pass_fds=(child_in, child_out),
                 stdin=subprocess.DEVNULL,
                 env=env,
