@@ -212,7 +212,8 @@ def worker_tokencredit(spec: dict) -> dict:
         clock.cur["prompts"] = _fingerprint(list(a[2]))
 
     def reward(out, a, k):
-        clock.cur["reward"] = sum(out) / max(len(out), 1)
+        rewards = out[0]  # the verifier returns (rewards, per-function stats)
+        clock.cur["reward"] = sum(rewards) / max(len(rewards), 1)
 
     tmod.generate_hf = clock.wrap("generate", tmod.generate_hf, count)
     tr.verifier = clock.wrap("score", tr.verifier, reward)

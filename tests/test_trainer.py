@@ -172,7 +172,7 @@ def test_dynamic_sampling_with_no_signal_stops_at_the_round_cap(digits_file, tmp
     buffer (on) stays empty; nothing crashes and the cursor moved max_gen_rounds rounds."""
     cfg = load_config(None, tiny_overrides(digits_file, tmp_path, **{"output.run_name": "ds0", **DS, **RB_QB, "train.steps": 2}))
     tr = Trainer(cfg)
-    tr.verifier = lambda texts, answers: [0.0] * len(texts)
+    tr.verifier = lambda texts, answers, prompts, extras: ([0.0] * len(texts), {})
     tr.train()
     rows = _metrics(tr.run_dir)
     assert [r["ds_gen_rounds"] for r in rows] == [3, 3] and [r["ds_short_groups"] for r in rows] == [4, 4]

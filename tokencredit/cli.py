@@ -1,4 +1,4 @@
-"""Command line: `tokencredit train|eval|probe|report`.
+"""Command line: `tokencredit train|eval|export|probe|report`.
 
     tokencredit train                                # embedded default (SmolLM2-135M, arithmetic, CPU)
     tokencredit train --config configs/paper_qwen.yaml train.lr=1e-6
@@ -46,6 +46,12 @@ def _user_errors():
         errs.append(DataError)
     except ImportError:
         pass
+    try:
+        from tokencredit.export import ExportError
+
+        errs.append(ExportError)
+    except ImportError:
+        pass
     return tuple(errs)
 
 
@@ -87,6 +93,8 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     t.add_row("generated tokens / s (whole loop)", fmt(summary["tokens_per_s"]))
     t.add_row("wall time (s)", fmt(summary["wall_s"]))
     t.add_row("run directory", str(run_dir))
+    if (run_dir / "final").is_dir():
+        t.add_row("final model (transformers / tokencredit eval)", str(run_dir / "final"))
     Console(stderr=False).print(t)
     print(f"run directory: {run_dir}")  # plain line, easy to copy or parse
 
@@ -121,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # modules that contribute subcommands (`add_cli(subparsers)`; handler via set_defaults(func=...))
-SUBCOMMAND_MODULES = ("tokencredit.evaluate", "tokencredit.probes.cli", "tokencredit.report")
+SUBCOMMAND_MODULES = ("tokencredit.evaluate", "tokencredit.export", "tokencredit.probes.cli", "tokencredit.report")
 
 
 def main(argv: list[str] | None = None) -> int:

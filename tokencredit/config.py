@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -143,6 +143,47 @@ class ProbesConfig(_Section):
     flip: FlipProbeConfig = Field(default_factory=FlipProbeConfig)
 
 
+class RewardConfig(_Section):
+    functions: list[str] = Field(default_factory=lambda: ["math_verify"], description="Reward functions, summed with reward.weights (docs/rewards.md; verl custom_reward_function, TRL reward_funcs). Each is 'math_verify' (built-in: 1.0 when math-verify finds the final answer equal to the data's answer, else 0.0), 'package.module:fn' or 'path/to/file.py:fn', called once per rollout step as fn(responses, answers, prompts, **extra_columns) -> list[float] in its own worker process. Example: reward.functions=[math_verify,rewards.py:brevity].")
+    weights: Optional[list[float]] = Field(None, description="One weight per reward function; the reward of a row is sum_i weight_i * r_i (None = 1.0 each, as TRL's reward_weights, so the default math_verify reward stays 0/1).")
+    timeout_s: float = Field(30.0, gt=0.0, description="Wall-clock limit of one call of a user reward function (the whole rollout batch). A call that overruns, raises or returns a wrong length or type scores 0.0 for its rows, is logged as a warning and counted in reward/<name>/failures; a hung worker is killed and restarted. math_verify keeps its own per-answer limits.")
+    correct_threshold: float = Field(0.5, description="A row counts as correct when its reward >= this: which rows psr / nsr / w_reinforce / positive_only / negative_only treat as correct (token_weights.method), and held-out eval accuracy (eval_accuracy, avg@k, pass@k). Set it inside the range of a continuous reward (e.g. 0.5 for a 0/1 reward, 1.0 for math_verify + a 0..0.1 bonus).")
+
+    @field_validator("functions", mode="before")
+    @classmethod
+    def _single(cls, v):
+        # reward.functions=rewards.py:fn (one spec, no brackets) is a list of one
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("functions")
+    @classmethod
+    def _specs(cls, v):
+        from tokencredit.rewards.functions import RewardSpecError, parse_spec
+
+        if not v:
+            raise ValueError("empty; name at least one reward function (default: [math_verify])")
+        names = []
+        for i, spec in enumerate(v):
+            try:
+                names.append(parse_spec(spec)[0])
+            except RewardSpecError as e:
+                raise ValueError(f"item {i}: {e}") from None
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"two functions named {dup[0]!r} (metric names reward/<name>/... must be unique)")
+        return [spec.strip() for spec in v]
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v, info):
+        fns = info.data.get("functions")
+        if v is not None and fns is not None and len(v) != len(fns):
+            raise ValueError(f"{len(v)} weights for {len(fns)} reward.functions (one weight per function, or null)")
+        if v is not None and not all(abs(w) < float("inf") for w in v):
+            raise ValueError(f"weights must be finite numbers, got {v}")
+        return v
+
+
 class EvalConfig(_Section):
     every: int = Field(0, ge=0, description="Evaluate every k rollout steps (0 = only at start and end when num_problems > 0).")
     data: str = Field("arithmetic", description="'arithmetic' (held-out seed) or a .jsonl/.parquet file.")
@@ -159,7 +200,26 @@ class OutputConfig(_Section):
     run_name: Optional[str] = Field(None, description="Run directory name (default: a timestamp).")
     save_every: int = Field(5, ge=0, description="Checkpoint every k rollout steps (0 = only at the end).")
     keep_last: int = Field(2, gt=0, description="Checkpoints kept on disk.")
+    save_final: bool = Field(True, description="At the end of training write RUN_DIR/final/: a Hugging Face model directory (config, generation config, tokenizer, safetensors weights in model.dtype, README.md model card) that transformers' from_pretrained and `tokencredit eval --model RUN_DIR` load as is. `tokencredit export RUN_DIR --step N` writes one from any checkpoint.")
     progress: bool = Field(True, description="Show a progress bar.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Experiment trackers that get every numeric metric of every metrics row (at its rollout step) and the summary numbers (tokencredit/tracking.py): tensorboard (event files in RUN_DIR/tensorboard/; extra [tensorboard]) and/or wandb (mode from WANDB_MODE; extra [wandb]). Like TRL's report_to and verl's trainer.logger, but 'none' / [] (default) = metrics.jsonl only. Example: output.report_to=[tensorboard,wandb].")
+    wandb_project: str = Field("tokencredit", description="W&B project (verl trainer.project_name, TRL/transformers WANDB_PROJECT). The W&B run is named after the run directory; its id is kept in RUN_DIR/wandb_id.txt so --resume continues the same W&B run.")
+    wandb_tags: list[str] = Field(default_factory=list, description="W&B run tags, e.g. output.wandb_tags=[ablation,qb].")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tracker_lists(cls, data):
+        # accept TRL's spellings: a single name, or 'none'; drop repeated names
+        if isinstance(data, dict):
+            for key in ("report_to", "wandb_tags"):
+                v = data.get(key)
+                if (v is None and key in data) or (key == "report_to" and v == "none"):
+                    data[key] = []
+                elif isinstance(v, str):
+                    data[key] = [v]
+            if isinstance(data.get("report_to"), (list, tuple)):
+                data["report_to"] = list(dict.fromkeys(data["report_to"]))
+        return data
 
 
 class Config(_Section):
@@ -170,6 +230,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     token_weights: TokenWeightsConfig = Field(default_factory=TokenWeightsConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -1,7 +1,9 @@
 """Evaluation: sample `n` answers per problem, verify them, report avg@k and pass@k.
 
     tokencredit eval --model smollm2-135m-instruct --data arithmetic --n 32 --k 32 --limit 64
-    tokencredit eval --model runs/my-run/export --data aime24.jsonl aime25.jsonl --n 32 --k 32
+    tokencredit eval --model runs/my-run --data aime24.jsonl aime25.jsonl --n 32 --k 32
+    tokencredit eval --model runs/my-run/checkpoints/step_20 --data arithmetic --n 8
+    tokencredit eval --suite paper --data-dir DIR --model runs/my-run   # the paper's table (tokencredit/suite.py)
     tokencredit eval --help
 
 Metrics (METHODS.md section 7; Chen et al. 2021, "Evaluating Large Language
@@ -12,8 +14,17 @@ Models Trained on Code", eq. 1 for pass@k):
 - `pass@k`: the unbiased estimator 1 - C(n-c, k) / C(n, k) from all n samples
   with c correct, averaged over problems; `pass@1` = c / n.
 
+`--model` takes what `load_model` takes (alias, model directory, .gguf file,
+cached hub id) and also a run directory or one of its checkpoints
+(`tokencredit.export.resolve_model`): a run directory means its final/
+model, or, for a run stopped before its end, its latest checkpoint on the
+run's base model (one line says so); RUN_DIR/checkpoints/step_N means those
+weights on the run's base model.
+
 Paper sampling defaults: temperature 0.6, top-p 0.95. A response is correct
-when `MathVerifier` gives it reward >= 0.5 (it gives exactly 0 or 1).
+when `MathVerifier` gives it reward >= 0.5 (it gives exactly 0 or 1); inside
+training the trainer's own reward functions score it and `threshold` is
+reward.correct_threshold (docs/rewards.md).
 
 Outputs under `--out`: `<dataset>.jsonl` (one row per problem: id, answer, n, c,
 avg@k, pass@k, lengths and the first few responses, truncated) and
@@ -157,13 +168,22 @@ def evaluate_prompts(
     seed: int | None = None,
     verifier=None,
     name: str = "eval",
+    questions: Sequence[str] | None = None,
+    extras: Sequence[dict] | None = None,
+    threshold: float = CORRECT_AT,
 ) -> tuple[list[dict], dict]:
     """Evaluate already rendered prompts (what the Trainer holds).
 
     Problems go to `generate_hf` in chunks of max(1, gen_batch_size // n)
     problems (n rows each), shortest prompts first, and are scored chunk by
     chunk with `verifier` (a `MathVerifier(timeout_s=1)` made and closed here
-    when None). With `seed`, sampling runs under a forked torch RNG seeded
+    when None) called as `verifier(responses, answers) -> rewards`; with
+    `questions` (one per prompt, no chat markup) it is the trainer's
+    `RewardFunctions`, called as `verifier(responses, answers, questions,
+    extra columns)` (`extras`: one dict per prompt) and its rewards taken. A
+    response is correct when its reward >= `threshold`.
+
+    With `seed`, sampling runs under a forked torch RNG seeded
     with it, so the caller's RNG stream is untouched (and the result does not
     depend on what ran before); without, it draws from the global RNG.
 
@@ -217,7 +237,13 @@ def evaluate_prompts(
                     max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, answers=[answers[i] for i in idx],
                 )
                 t1 = time.perf_counter()
-                rewards = verifier(batch.response_text, batch.answer)  # [len(idx) * n], groups adjacent
+                if questions is None:
+                    rewards = verifier(batch.response_text, batch.answer)  # [len(idx) * n], groups adjacent
+                else:
+                    of_row = [i for i in idx for _ in range(n)]  # prompt of each response row
+                    cols = sorted({c for i in idx for c in (extras[i] if extras else {})})
+                    rewards = verifier(batch.response_text, batch.answer, [questions[i] for i in of_row],
+                                       {c: [extras[i].get(c) for i in of_row] for c in cols})[0]
                 t_score += time.perf_counter() - t1
                 t_gen += t1 - t0
                 lens = batch.response_lengths.tolist()
@@ -225,7 +251,8 @@ def evaluate_prompts(
                 for j, i in enumerate(idx):
                     rows = slice(j * n, (j + 1) * n)
                     results[i] = _problem_record(
-                        ids[i], answers[i], rewards[rows], lens[rows], batch.finished[rows], batch.response_text[rows], k
+                        ids[i], answers[i], rewards[rows], lens[rows], batch.finished[rows], batch.response_text[rows], k,
+                        threshold,
                     )
                 bar.update(len(idx))
                 bar.set_postfix({f"avg@{k}": f"{_mean(r[f'avg@{k}'] for r in results if r):.3f}"})
@@ -244,9 +271,9 @@ def evaluate_prompts(
     return per_problem, summary
 
 
-def _problem_record(pid, answer, rewards, lens, finished, texts, k) -> dict:
+def _problem_record(pid, answer, rewards, lens, finished, texts, k, threshold: float = CORRECT_AT) -> dict:
     n = len(rewards)
-    correct = [int(r >= CORRECT_AT) for r in rewards]
+    correct = [int(r >= threshold) for r in rewards]
     c = sum(correct)
     return {
         "id": pid,
@@ -302,16 +329,17 @@ def add_cli(subparsers) -> None:
             "Sample --n responses per problem (temperature 0.6, top-p 0.95 by default), score them with the "
             "math verifier and report avg@k and unbiased pass@k. --data takes 'arithmetic' (the built-in task; "
             "with the same --seed as train.seed these are the trainer's held-out problems) or .jsonl/.parquet "
-            "files with prompt (or problem) and answer fields; several files are evaluated in one run."
+            "files with prompt (or problem) and answer fields; several files are evaluated in one run. "
+            "--suite paper --data-dir DIR runs the cancellation paper's six benchmarks and prints its Table-2 row."
         ),
     )
-    p.add_argument("--model", default="smollm2-135m-instruct", help="alias, local model directory, .gguf file or cached hub id (default: %(default)s)")
-    p.add_argument("--data", nargs="+", default=["arithmetic"], metavar="FILE", help="'arithmetic' or .jsonl/.parquet files (default: arithmetic)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="alias, local model directory, .gguf file, cached hub id, run directory (its final/ model, else its latest checkpoint) or RUN_DIR/checkpoints/step_N (default: %(default)s)")
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE", help="'arithmetic' or .jsonl/.parquet files (default: arithmetic)")
     p.add_argument("--n", type=int, default=32, help="samples per problem (default: %(default)s)")
     p.add_argument("--k", type=int, default=None, help="k of avg@k and pass@k, <= n (default: n)")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="sampling temperature; 0 = greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus threshold (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="response length limit in tokens (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="response length limit in tokens (default: 512; with --suite paper 8192, the paper's max_response_length)")
     p.add_argument("--gen-batch-size", type=int, default=32, help="rows generated at once (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="first N problems of each file; for arithmetic the number of problems (default: all / 100)")
     p.add_argument("--difficulty", type=int, default=1, help="arithmetic difficulty 1-7 (table in tokencredit/data/arithmetic.py; default: %(default)s)")
@@ -323,6 +351,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: evals/eval-<timestamp>)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("benchmark suite (tokencredit/suite.py; docs/evaluation.md, \"The paper's table\")")
+    g.add_argument("--suite", choices=["paper"], default=None, help="run a suite's benchmark files from --data-dir and print its table: 'paper' = the cancellation paper's Table 2 (AIME24, AIME25, AMC avg@--n; Olympiad, Minerva, MATH-500 pass@1)")
+    g.add_argument("--data-dir", default=None, metavar="DIR", help="folder with the suite's files (paper: aime24.jsonl aime25.jsonl amc2023.jsonl olympiadbench.jsonl minervamath.jsonl math500.jsonl)")
+    g.add_argument("--allow-missing", action="store_true", help="leave out the columns whose file is missing (default: a missing file is an error)")
+    g.add_argument("--resume", action="store_true", help="continue the suite run in --out from its per-problem files (same settings required)")
+    g.add_argument("--pass1-n", type=int, default=1, help="samples per problem of the pass@1 benchmarks; --n is the avg@k benchmarks' (default: %(default)s)")
+    g.add_argument("--prompt-template", default="{problem}", help="user message around each problem; must contain {problem} (default: %(default)s: the files already end with the boxed-answer instruction)")
+    g.add_argument("--no-chat-template", action="store_true", help="feed the --prompt-template text as is, without the tokenizer's chat template")
     p.set_defaults(func=cmd_eval)
 
 
@@ -376,13 +412,29 @@ def _datasets(args) -> list[tuple[str, str, list]]:
 def cmd_eval(args) -> int:
     import torch
 
-    from tokencredit.model import load_model
+    from tokencredit.export import load_for_eval
     from tokencredit.rewards import MathVerifier
 
+    if args.suite is not None:
+        from tokencredit.suite import PAPER_MAX_NEW_TOKENS, run_suite
+
+        if args.max_new_tokens is None:
+            args.max_new_tokens = PAPER_MAX_NEW_TOKENS
+        return run_suite(args)
+    from tokencredit.config import ConfigError
+
+    if args.data_dir is not None or args.resume or args.allow_missing:
+        raise ConfigError("--data-dir, --resume and --allow-missing go with --suite")
+    if args.data is None:
+        args.data = ["arithmetic"]
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 512
     k = _check_args(args)
     datasets = _datasets(args)  # data errors before the (slow) model load
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    model, tok = load_model(args.model, dtype=args.dtype, device=device)
+    model, tok, src = load_for_eval(args.model, dtype=args.dtype, device=device)
+    if src.note:
+        print(f"tokencredit: {src.note}", flush=True)
     out = Path(args.out) if args.out else Path("evals") / time.strftime("eval-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
@@ -399,9 +451,12 @@ def cmd_eval(args) -> int:
                     f.write(json.dumps(r) + "\n")
             summary.update({"data": source, "per_problem_file": path.name})
             summaries.append(summary)
-    meta = {"model": args.model, "n": args.n, "k": k, "temperature": args.temperature, "top_p": args.top_p,
+    meta = {"model": args.model, "model_loaded": src.describe, "n": args.n, "k": k, "temperature": args.temperature, "top_p": args.top_p,
             "max_new_tokens": args.max_new_tokens, "seed": args.seed, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "summary.json").write_text(json.dumps({**meta, "datasets": summaries}, indent=2) + "\n")
+    from tokencredit.tracking import send_eval_summary
+
+    send_eval_summary(args.model, summaries)  # --model RUN_DIR[/...]: the run's trackers (output.report_to) get them too
     _print_table(summaries, k, args, out)
     return 0
 

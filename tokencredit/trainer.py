@@ -1,7 +1,7 @@
 """The training loop. It wires pure pieces together and holds no math of its own.
 
 One rollout step, top to bottom (DESIGN.md "a chain of transforms"):
-    prompts --generate_hf--> RolloutBatch --MathVerifier--> reward
+    prompts --generate_hf--> RolloutBatch --reward.functions--> reward
             --group_advantages--> advantage --RewardBalancedBuffer?--> update set
             --forward_tokens (no grad)--> old_logprob, entropy, hidden
             --token weights--> token_weight --planner--> mini-batches
@@ -13,7 +13,8 @@ copy kept only when `algo.kl_coef > 0`; token-weight quantiles use the entropies
 of the policy at the start of the update (not after earlier mini-batch steps).
 
 Run directory: config.yaml, metrics.jsonl (one JSON object per rollout step),
-checkpoints/step_N/ (safetensors + optimizer + RNG + buffer), probes/.
+checkpoints/step_N/ (safetensors + optimizer + RNG + buffer), probes/, and at
+the end summary.json and final/ (a Hugging Face model directory, tokencredit/export.py).
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ from tokencredit.batch import RolloutBatch
 from tokencredit.algo.token_weights import SAMPLE_POLARITY_METHODS, training_advantages
 from tokencredit.batching import PLANNERS, RewardBalancedBuffer, advantage_sign, groups_with_signal, minibatch_metrics
 from tokencredit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tokencredit.config import Config, dump_config
+from tokencredit.config import Config, ConfigError, dump_config
 from tokencredit.probes.flip import flip_records, flip_stats
+from tokencredit.rewards.functions import merge_stats
 from tokencredit.rollout.hf import generate_hf
+from tokencredit.tracking import Tracker, open_trackers, require_extras
 
 log = logging.getLogger("tokencredit")
 
@@ -82,13 +85,23 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, resume: bool = False, model=None, tokenizer=None):
         from tokencredit.data import arithmetic_problems, load_problems, render_prompt
         from tokencredit.model import load_model
-        from tokencredit.rewards import MathVerifier
+        from tokencredit.rewards.functions import RewardFunctions
 
         self.cfg = cfg
+        # a missing tracker extra fails here, before the model loads (tokencredit/tracking.py)
+        require_extras(cfg.output.report_to)
+        self.trackers: list[Tracker] = []  # opened when train() starts, closed when it ends
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
+        # reward.functions load in their worker processes before the model: a bad spec fails in seconds
+        rc = cfg.reward
+        self.verifier = RewardFunctions(rc.functions, rc.weights, rc.timeout_s)
+        try:
+            self.verifier.start()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.device = resolve_device(cfg.model.device)
         if model is None:
             model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, device=str(self.device))
@@ -105,20 +118,25 @@ class Trainer:
             problems = arithmetic_problems(cfg.data.num_train, seed=cfg.train.seed, difficulty=cfg.data.difficulty)
         else:
             problems = load_problems(cfg.data.train, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field)
-        self.prompts, self.answers = self._render(problems, render_prompt)
+        kept: list = []  # the Problems behind self.prompts: questions and extra columns for reward functions
+        self.prompts, self.answers = self._render(problems, render_prompt, kept)
+        self.questions, self.extras = [p.prompt for p in kept], [p.extra for p in kept]
         if not self.prompts:
             raise ValueError(f"no training prompt fits data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
         self.eval_prompts: list[str] = []
         self.eval_answers: list[str] = []
+        self.eval_questions: list[str] = []
+        self.eval_extras: list[dict] = []
         if cfg.eval.num_problems > 0:
             if cfg.eval.data == "arithmetic":
                 # a different seed than training: held-out problems
                 ev = arithmetic_problems(cfg.eval.num_problems, seed=cfg.train.seed + 10_007, difficulty=cfg.data.difficulty)
             else:
                 ev = load_problems(cfg.eval.data, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field, limit=cfg.eval.num_problems)
-            self.eval_prompts, self.eval_answers = self._render(ev, render_prompt)
+            kept = []
+            self.eval_prompts, self.eval_answers = self._render(ev, render_prompt, kept)
+            self.eval_questions, self.eval_extras = [p.prompt for p in kept], [p.extra for p in kept]
 
-        self.verifier = MathVerifier(timeout_s=1)
         self.planner = PLANNERS.get(cfg.batching.planner)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
@@ -154,7 +172,9 @@ class Trainer:
             (self.run_dir / "metrics.jsonl").write_text("")
 
     # ----------------------------------------------------------------- data
-    def _render(self, problems, render_prompt):
+    def _render(self, problems, render_prompt, kept: list | None = None):
+        """(rendered prompts, answers) of the problems that fit data.max_prompt_tokens;
+        those problems are appended to `kept` when given."""
         prompts, answers, skipped = [], [], 0
         for p in problems:
             text = render_prompt(self.tokenizer, p.prompt, self.cfg.data.system_prompt)
@@ -163,6 +183,8 @@ class Trainer:
                 continue
             prompts.append(text)
             answers.append(p.answer)
+            if kept is not None:
+                kept.append(p)
         if skipped:
             log.warning("skipped %d prompts longer than data.max_prompt_tokens=%d", skipped, self.cfg.data.max_prompt_tokens)
         return prompts, answers
@@ -215,9 +237,10 @@ class Trainer:
         return self.cfg.rollout.temperature if self.cfg.rollout.temperature > 0 else 1.0
 
     # ------------------------------------------------------------- rollout
-    def _sample(self, idx: list[int]) -> tuple[RolloutBatch, float, float]:
+    def _sample(self, idx: list[int]) -> tuple[RolloutBatch, float, float, dict[str, float]]:
         """Generate n responses for prompts `idx`, score them, and attach the group
-        advantages and the advantages that train. Returns (batch, gen_s, reward_s)."""
+        advantages and the advantages that train. Returns (batch, gen_s, reward_s,
+        reward stats: reward/<name>/mean and /failures per reward function)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         batch = generate_hf(
@@ -227,15 +250,20 @@ class Trainer:
             answers=[self.answers[i] for i in idx],
         )
         t1 = time.perf_counter()
-        batch.reward = torch.tensor(self.verifier(batch.response_text, batch.answer), dtype=torch.float32)
+        of_row = [i for i in idx for _ in range(cfg.rollout.n)]  # prompt of each row (groups adjacent)
+        cols = sorted({c for i in idx for c in self.extras[i]})
+        rewards, rstats = self.verifier(batch.response_text, batch.answer, [self.questions[i] for i in of_row],
+                                        {c: [self.extras[i].get(c) for i in of_row] for c in cols})
+        batch.reward = torch.tensor(rewards, dtype=torch.float32)
         t2 = time.perf_counter()
         adv = group_advantages(batch.reward, batch.group_id, cfg.algo.adv_estimator, cfg.algo.adv_eps)
         # sample-polarity methods decide which rows train: the buffer and dynamic sampling see that advantage
-        batch.advantage = training_advantages(cfg.token_weights.method, adv, batch.reward, cfg.token_weights.lam)
+        batch.advantage = training_advantages(cfg.token_weights.method, adv, batch.reward, cfg.token_weights.lam,
+                                              threshold=cfg.reward.correct_threshold)
         batch.policy_version = torch.full((len(batch),), self.policy_version, dtype=torch.long)
         batch.prompt_index = torch.tensor(idx, dtype=torch.long).repeat_interleave(cfg.rollout.n)
         self.prompt_cursor += len(idx)
-        return batch, t1 - t0, t2 - t1
+        return batch, t1 - t0, t2 - t1, rstats
 
     def rollout(self) -> tuple[RolloutBatch, dict[str, float]]:
         """One rollout step: prompts_per_step prompts x n responses, or, with
@@ -243,12 +271,13 @@ class Trainer:
         collect prompts_per_step groups with a nonzero training advantage."""
         cfg = self.cfg
         k = cfg.rollout.prompts_per_step
-        rounds, t_gen, t_rew, parts = 0, 0.0, 0.0, []
+        rounds, t_gen, t_rew, parts, rparts = 0, 0.0, 0.0, [], []
         useful = 0
         while True:
-            batch, tg, tr = self._sample(self._prompt_range(self.prompt_cursor, k))
+            batch, tg, tr, rst = self._sample(self._prompt_range(self.prompt_cursor, k))
             rounds, t_gen, t_rew = rounds + 1, t_gen + tg, t_rew + tr
             parts.append(batch)
+            rparts.append((len(batch), rst))
             if not cfg.rollout.dynamic_sampling:
                 break
             useful += int(groups_with_signal(batch.group_id, batch.advantage).sum()) // cfg.rollout.n
@@ -265,6 +294,7 @@ class Trainer:
             "time_generate_s": t_gen,
             "time_reward_s": t_rew,
             "gen_tokens_per_s": ntok / max(t_gen, 1e-9),
+            **merge_stats(rparts),  # reward/<name>/mean over every sampled row, reward/<name>/failures
         }
         if not cfg.rollout.dynamic_sampling:
             return sampled, m
@@ -305,6 +335,8 @@ class Trainer:
             "w_reinforce": {"lam": tw.lam},
             "resrl": {"rank": tw.resrl_rank, "max_pos_tokens": tw.resrl_max_pos_tokens, "pos_scale": tw.resrl_pos_scale},
         }.get(tw.method, {})
+        if tw.method in SAMPLE_POLARITY_METHODS or tw.method == "resrl":
+            params["threshold"] = self.cfg.reward.correct_threshold  # reward >= threshold: a correct row
         return compute_token_weights(
             tw.method, entropy=batch.entropy, mask=batch.response_mask, advantages=batch.advantage,
             rewards=batch.reward, group_id=batch.group_id, hidden=batch.hidden,
@@ -493,7 +525,8 @@ class Trainer:
             self.model, self.tokenizer, self.eval_prompts, self.eval_answers, n=ev.n, k=k,
             temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
             gen_batch_size=self.cfg.rollout.gen_batch_size, progress=False, seed=self.cfg.train.seed + 1,
-            verifier=self.verifier, name="eval",
+            verifier=self.verifier, name="eval", questions=self.eval_questions, extras=self.eval_extras,
+            threshold=self.cfg.reward.correct_threshold,
         )
         return EvalResult(s[f"avg@{k}"], s["response_len_mean"], s["num_problems"] * ev.n, s[f"pass@{k}"], k)
 
@@ -501,6 +534,7 @@ class Trainer:
     def train(self) -> dict[str, float]:
         cfg = self.cfg
         total = cfg.train.steps
+        self.trackers = open_trackers(cfg, self.run_dir, resume_step=self.rollout_step)
         if self.rollout_step == 0 and self.eval_prompts:
             e = self.evaluate()
             self.eval_history.append((0, e.accuracy))
@@ -562,11 +596,21 @@ class Trainer:
             summary["eval_accuracy_start"] = self.eval_history[0][1]
             summary["eval_accuracy_end"] = e.accuracy
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.output.save_final:  # RUN_DIR/final/: a Hugging Face model directory (tokencredit/export.py)
+            from tokencredit.export import export_final
+
+            export_final(self.model, self.tokenizer, self.run_dir, dump_config(cfg), summary)
+        for t in self.trackers:
+            t.summary(summary)
+            t.close()
+        self.trackers = []
         return summary
 
     def _log(self, row: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}) + "\n")
+        for t in self.trackers:  # output.report_to: every numeric value at the row's rollout step
+            t.log(row, int(row.get("step", self.rollout_step)))
 
     # ---------------------------------------------------------- checkpoints
     def save(self) -> Path:

@@ -168,6 +168,7 @@ def _load(args) -> Context:
 
             cfg.eval.num_problems = 0
             cfg.output.progress = False
+            cfg.output.report_to = []  # this Trainer only samples; the probe's numbers go to the run's trackers (_track)
             trainer = Trainer(cfg, run_dir=tmp)
             model, tok = trainer.model, trainer.tokenizer
             if ck is not None:
@@ -228,6 +229,24 @@ def _finish(ctx: Context, name: str, lines: list[str]) -> None:
     (ctx.out / f"{name}_summary.txt").write_text(text)
     print(text, end="")
     print(f"written to {ctx.out}/ ({name}_*)")
+
+
+def _track(ctx: Context, name: str, numbers: dict[str, Any]) -> None:
+    """Send a probe's summary numbers (nested dicts of numbers; keys probe/NAME/...) to
+    the trackers configured for the probed run (output.report_to in its config.yaml).
+    A tracker that fails costs a warning, never the probe's results (already on disk)."""
+    run = ctx.source.get("run")
+    if not run:
+        return
+    from tokencredit.tracking import send_run_summary
+
+    try:
+        sent = send_run_summary(run, numbers, prefix=f"probe/{name}/")
+    except Exception as e:
+        log.warning("probe %s: summary numbers not sent to the run's trackers (%s)", name, e)
+        return
+    if sent:
+        print(f"probe {name}: summary numbers sent to {sent} tracker(s) of {run}")
 
 
 def _f(v: float | None, fmt: str) -> str:
@@ -299,6 +318,7 @@ def cmd_polarity(args) -> int:
         lines.append("boosted-mass share (Fig. 4)   " + "  ".join(f"{c}" for c in ("math", "format", "reasoning")))
         for v in VARIANTS:
             lines.append(f"  {v:<27}" + "  ".join(f"{cats[v][c]:>{len(c)}.3f}" for c in ("math", "format", "reasoning")))
+    _track(ctx, "polarity", {**summary, "categories": cats or {}})
     _finish(ctx, "polarity", lines)
     return 0
 
@@ -376,6 +396,7 @@ def cmd_masking(args) -> int:
                  f"{summary['tokens']} tokens: {_f(sa, '.3f')}")
     lines.append(f"mean |Δ log p| of one step over all tokens: LM-head-only {_f(summary['mean_abs_delta_lm_head'], '.4f')}, "
                  f"full-parameter {_f(summary['mean_abs_delta_full'], '.4f')}")
+    _track(ctx, "masking", summary)
     _finish(ctx, "masking", lines)
     return 0
 
@@ -428,6 +449,7 @@ def cmd_coupling(args) -> int:
     n_in = int((A != 0).sum())
     lines.append(f"tokens in the loss whose predicted shift has the opposite sign of their own (self) term: "
                  f"{_f(float(flip.sum()) / max(n_in, 1), '.3f')} of {n_in}")
+    _track(ctx, "coupling", {"cells": cells, "flip_frac": float(flip.sum()) / max(n_in, 1)})
     _finish(ctx, "coupling", lines)
     return 0
 

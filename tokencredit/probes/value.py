@@ -879,6 +879,12 @@ def cmd_value(args) -> int:
     except ValueError as e:  # bad step / flags / run layout: one line, no traceback
         print(f"tokencredit probe value: error: {e}", file=sys.stderr)
         return 2
+    try:  # the run's trackers (output.report_to) get the gaps; a tracker failure costs a warning only
+        from tokencredit.tracking import send_run_summary
+
+        send_run_summary(args.run_dir, {"gap": res["gap"], "by_sign": res["by_sign"]}, prefix=f"probe/value_step_{args.step}/")
+    except Exception as e:
+        log.warning("probe value: summary numbers not sent to the run's trackers (%s)", e)
     g = res["gap"]
     print(f"{res['path']}: {res['written']} tokens valued now, {res['skipped']} already there (model: {res['checkpoint']})")
     print(f"value gap (boosted - suppressed) = {g['gap']:.4f}  95% CI [{g['lo']:.4f}, {g['hi']:.4f}]  "
