@@ -366,13 +366,12 @@ ARITHMETIC_DEFAULT_PROBLEMS = 100
 HELD_OUT_SEED_OFFSET = 10_007  # the trainer's held-out arithmetic problems use train.seed + this
 
 
-def _check_args(args) -> int:
-    """Validate before any model is loaded; returns the resolved k."""
+def check_sampling_args(args) -> int:
+    """--k, --temperature, --top-p, --max-new-tokens, --gen-batch-size, --limit (shared
+    with `eval --suite`); returns the resolved k. Raises ConfigError with one line."""
     from tokencredit.config import ConfigError
 
     k = args.n if args.k is None else args.k
-    if args.n < 1:
-        raise ConfigError(f"--n must be >= 1, got {args.n}")
     if not 1 <= k <= args.n:
         raise ConfigError(f"--k must be between 1 and --n ({args.n}), got {k}")
     if args.temperature < 0:
@@ -383,6 +382,16 @@ def _check_args(args) -> int:
         raise ConfigError("--max-new-tokens and --gen-batch-size must be >= 1")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    return k
+
+
+def _check_args(args) -> int:
+    """Validate before any model is loaded; returns the resolved k."""
+    from tokencredit.config import ConfigError
+
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    k = check_sampling_args(args)
     if args.difficulty not in range(1, 8):
         raise ConfigError(f"--difficulty must be 1..7, got {args.difficulty}")
     return k

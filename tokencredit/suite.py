@@ -262,19 +262,11 @@ def _check(args) -> tuple[int, list[tuple[Benchmark, Path, list]], Path, dict | 
         raise ConfigError("--suite needs --data-dir DIR (the folder with the benchmark files)")
     if args.data is not None:
         raise ConfigError("--suite takes its files from --data-dir; drop --data")
-    k = args.n if args.k is None else args.k
     if args.n < 1 or args.pass1_n < 1:
         raise ConfigError(f"--n and --pass1-n must be >= 1, got {args.n} and {args.pass1_n}")
-    if not 1 <= k <= args.n:
-        raise ConfigError(f"--k must be between 1 and --n ({args.n}), got {k}")
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.max_new_tokens < 1 or args.gen_batch_size < 1:
-        raise ConfigError("--max-new-tokens and --gen-batch-size must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    from tokencredit.evaluate import check_sampling_args
+
+    k = check_sampling_args(args)
     if "{problem}" not in args.prompt_template:
         raise ConfigError(f"--prompt-template must contain {{problem}}, got {args.prompt_template!r}")
     if args.no_chat_template and args.system_prompt is not None:
