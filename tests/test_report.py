@@ -181,11 +181,14 @@ def test_batching_figure_draws_only_with_update_metrics():
 
     assert "no update_rows" in fig_batching(_metrics_rows())
     rows = [{"step": s, "reward_mean": 0.3, "update_rows": 16.0, "update_pos_rows": 6.0, "update_neg_rows": 10.0,
-             "rb_size": 8.0 * s, "rb_utilisation": 1.0 / s, "rb_mean_age": 0.5} for s in (1, 2, 3)]
+             "rb_size": 8.0 * s, "rb_utilisation": 1.0 / s, "rb_mean_age": 0.5, "rb_dropped_stale": 2.0 * s,
+             "rb_dropped_overflow": 1.0} for s in (1, 2, 3)]
     fig = fig_batching(rows)
     a, b = fig.axes
-    assert [line.get_label() for line in a.get_lines()] == ["trained, A > 0", "trained, A < 0", "held in the buffer"]
+    assert [line.get_label() for line in a.get_lines()] == ["trained, A > 0", "trained, A < 0", "held in the buffer",
+                                                           "dropped stale + overflow (cumulative)"]
     assert list(a.get_lines()[2].get_ydata()) == [8.0, 16.0, 24.0]
+    assert list(a.get_lines()[3].get_ydata()) == [3.0, 5.0, 7.0]
     assert list(b.get_lines()[0].get_ydata()) == [1.0, 0.5, 1 / 3]
     no_buffer = [{k: v for k, v in r.items() if not k.startswith("rb_")} for r in rows]
     assert fig_batching(no_buffer).axes[1].texts[0].get_text() == "reward-balanced buffer off"

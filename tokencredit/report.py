@@ -218,6 +218,10 @@ def fig_batching(metrics: list[dict]):
         x, y = _series(steps, key)
         if y:
             a.plot(x, y, "o-", ms=3, color=color, label=label)
+    drop = [(_num(r["step"]), _num(r.get("rb_dropped_stale", 0)) + _num(r.get("rb_dropped_overflow", 0)))
+            for r in steps if "rb_dropped_stale" in r and "step" in r]
+    if drop:
+        a.plot([x for x, _ in drop], [y for _, y in drop], "x:", ms=4, color="tab:brown", label="dropped stale + overflow (cumulative)")
     a.set(title="rows per rollout step", xlabel="rollout step", ylabel="rows")
     a.legend(fontsize=8)
     _steps_axis(a)
