@@ -426,33 +426,41 @@ class Trainer:
             out["time_flip_probe_s"] = t_probe + time.perf_counter() - t
         return out
 
+    def _forward_subset(self, batch: RolloutBatch, rows, base: dict, need_hidden: bool) -> dict[str, torch.Tensor]:
+        """No-grad forward of `rows` of `batch`; {"logprob", "entropy"[, "hidden"]} as
+        full [B, T] ([B, T, H]) tensors: the forwarded rows' values written into a copy
+        of base[key] (zeros where base has no tensor for the key)."""
+        B, T = batch.response_ids.shape
+        cur = self._forward_rows(batch.select(rows), with_entropy=True, with_hidden=need_hidden)
+        t = cur["logprob"].shape[1]
+        out = {}
+        for key, v in cur.items():
+            full = base[key].clone() if base.get(key) is not None else torch.zeros((B, T) + tuple(v.shape[2:]))
+            full[rows, :t] = v
+            out[key] = full
+        return out
+
     def _pre_update_forward(self, batch: RolloutBatch, need_hidden: bool) -> None:
         """Fill batch.old_logprob / entropy / hidden for the update.
 
         Rows sampled by the current policy that already carry log-probs and
         entropies from rollout time (the reward-balanced buffer computes them)
         are not forwarded again; stale rows keep their sampling-time old_logprob
-        for the importance ratio but get current log-probs and entropies.
+        for the importance ratio but get current entropies (and hidden states).
         """
-        B, T = batch.response_ids.shape
+        B = len(batch)
         if (need_hidden and batch.hidden is None) or batch.old_logprob is None or batch.entropy is None or batch.policy_version is None:
             redo = list(range(B))
         else:
             redo = (batch.policy_version != self.policy_version).nonzero().flatten().tolist()
-        l_before = batch.old_logprob.clone() if batch.old_logprob is not None else torch.zeros(B, T)
         if not redo:
             return
-        cur = self._forward_rows(batch.select(redo), with_entropy=True, with_hidden=need_hidden)
-        t = cur["logprob"].shape[1]
-        entropy = batch.entropy.clone() if batch.entropy is not None else torch.zeros(B, T)
-        l_before[redo, :t], entropy[redo, :t] = cur["logprob"], cur["entropy"]
-        batch.entropy = entropy
+        cur = self._forward_subset(batch, redo, {"entropy": batch.entropy, "hidden": batch.hidden}, need_hidden)
+        batch.entropy = cur["entropy"]
         if need_hidden:
-            hidden = batch.hidden.clone() if batch.hidden is not None else torch.zeros(B, T, cur["hidden"].shape[-1])
-            hidden[redo, :t] = cur["hidden"]
-            batch.hidden = hidden
-        if batch.old_logprob is None:
-            batch.old_logprob = l_before
+            batch.hidden = cur["hidden"]
+        if batch.old_logprob is None:  # then every row was forwarded
+            batch.old_logprob = cur["logprob"]
 
     def _sampling_forward(self, batch: RolloutBatch) -> None:
         """Log-probs (the importance ratio's old policy), entropies and, for ResRL,
@@ -461,17 +469,11 @@ class Trainer:
         forwarded (their fields stay 0)."""
         B, T = batch.response_ids.shape
         rows = advantage_sign(batch.advantage).ne(0).nonzero().squeeze(1)  # [R]
-        need_hidden = self.cfg.token_weights.method == "resrl"
-        batch.old_logprob, batch.entropy = torch.zeros(B, T), torch.zeros(B, T)
-        batch.hidden = None
         if len(rows) == 0:
+            batch.old_logprob, batch.entropy, batch.hidden = torch.zeros(B, T), torch.zeros(B, T), None
             return
-        cur = self._forward_rows(batch.select(rows), with_entropy=True, with_hidden=need_hidden)
-        t = cur["logprob"].shape[1]
-        batch.old_logprob[rows, :t], batch.entropy[rows, :t] = cur["logprob"], cur["entropy"]
-        if need_hidden:
-            batch.hidden = torch.zeros(B, T, cur["hidden"].shape[-1], dtype=cur["hidden"].dtype)
-            batch.hidden[rows, :t] = cur["hidden"]
+        cur = self._forward_subset(batch, rows, {}, need_hidden=self.cfg.token_weights.method == "resrl")
+        batch.old_logprob, batch.entropy, batch.hidden = cur["logprob"], cur["entropy"], cur.get("hidden")
 
     def _micro_step(self, u: RolloutBatch, denom: float, count_zero: bool) -> dict[str, float]:
         from tokencredit.model import forward_tokens
