@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tokencredit.algo.losses import aggregate, kl_penalty, loss_mask, policy_loss, denominator
+from tokencredit.algo.losses import aggregate, kl_penalty, loss_mask, normaliser, policy_loss
 
 
 def _t(x):
@@ -56,9 +56,9 @@ def test_token_weight_and_denominator_choice():
     old = torch.zeros(1, 4, dtype=torch.float64)
     mask = _t([[1, 1, 1, 1]])
     w = _t([[1, 0, 0.5, 0]])
-    kept, _ = policy_loss(old.clone(), old, _t([2.0]), mask, token_weight=w)
+    kept, _ = policy_loss(old.clone(), old, _t([2.0]), mask, token_weight=w, denominator="kept")
     assert kept.item() == pytest.approx(-(2 + 1) / 2)  # weight-0 tokens leave the denominator
-    alltok, _ = policy_loss(old.clone(), old, _t([2.0]), mask, token_weight=w, count_zero_weight=True)
+    alltok, _ = policy_loss(old.clone(), old, _t([2.0]), mask, token_weight=w, denominator="all")
     assert alltok.item() == pytest.approx(-(2 + 1) / 4)  # 80/20 paper: all tokens count
     # [B, T] advantages are accepted too
     per_tok, _ = policy_loss(old.clone(), old, _t([[2.0, 0, 1, 0]]), mask)
@@ -75,16 +75,16 @@ def test_gradient_invariant_to_micro_batching():
     mask[:, 0] = 1
     w = (torch.rand(B, T, generator=gen) > 0.4).double()
     for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
-        for czw in (False, True):
+        for czw in ("kept", "all"):
             x = base.clone().requires_grad_(True)
-            loss, _ = policy_loss(x, old, adv, mask, agg=agg, token_weight=w, count_zero_weight=czw)
+            loss, _ = policy_loss(x, old, adv, mask, agg=agg, token_weight=w, denominator=czw)
             loss.backward()
             full = x.grad.clone()
             # same mini-batch cut into 3 micro-batches of 2 rows, global denominator
-            d = denominator(loss_mask(mask, w, czw), agg)
+            d = normaliser(loss_mask(mask, w, czw), agg)
             y = base.clone().requires_grad_(True)
             for rows in ([0, 1], [2, 3], [4, 5]):
-                l, _ = policy_loss(y[rows], old[rows], adv[rows], mask[rows], agg=agg, token_weight=w[rows], count_zero_weight=czw, denom=d)
+                l, _ = policy_loss(y[rows], old[rows], adv[rows], mask[rows], agg=agg, token_weight=w[rows], denominator=czw, normaliser=d)
                 l.backward()
             assert torch.allclose(full, y.grad, atol=1e-12), (agg, czw)
 

@@ -21,7 +21,6 @@ from tokencredit.algo.token_weights import (
     forking_low_mask,
     forking_mask,
     polarity_advantages,
-    polarity_weights,
     random_token_mask,
     sign_mask_advantages,
 )
@@ -169,7 +168,6 @@ def test_polarity_advantages_exact():
     w = polarity_advantages(r, "w_reinforce")
     assert torch.allclose(w, torch.tensor([0.1, -1.0, 0.1, -1.0, 0.1]))
     assert torch.allclose(polarity_advantages(r, "w_reinforce", lam=0.5)[0], torch.tensor(0.5))
-    assert polarity_weights is polarity_advantages
     with pytest.raises(ValueError, match="psr"):
         polarity_advantages(r, "grpo")
 
@@ -216,7 +214,7 @@ def _inputs(seed=0, B=4, T=6, H=8):
     return dict(
         entropy=torch.rand(B, T, generator=g),
         mask=torch.ones(B, T),
-        advantages=torch.tensor([1.0, -1.0, 0.5, -0.5])[:B],
+        advantage=torch.tensor([1.0, -1.0, 0.5, -0.5])[:B],
         rewards=torch.tensor([1.0, 0.0, 1.0, 0.0])[:B],
         group_id=torch.tensor([0, 0, 1, 1])[:B],
         hidden=torch.randn(B, T, H, generator=g),
@@ -238,29 +236,29 @@ def test_dispatcher_all_methods_shapes():
 def test_dispatcher_values_and_stats():
     mask = MASK.clone()
     adv = torch.tensor([1.0, -1.0])
-    w, a, stats = compute_token_weights("forking", entropy=ENT, mask=mask, advantages=adv)
+    w, a, stats = compute_token_weights("forking", entropy=ENT, mask=mask, advantage=adv)
     assert torch.equal(w, forking_mask(ENT, mask, 0.2)) and torch.equal(a, adv)
     assert stats["tw_kept_frac"] == pytest.approx(2 / 7)
     assert stats["tw_mean_w_pos"] == pytest.approx(1 / 4)
     assert stats["tw_mean_w_neg"] == pytest.approx(1 / 3)
 
-    w, a, stats = compute_token_weights("forking_random", entropy=ENT, mask=mask, advantages=adv, top=0.5,
+    w, a, stats = compute_token_weights("forking_random", entropy=ENT, mask=mask, advantage=adv, top=0.5,
                                         generator=torch.Generator().manual_seed(0))
     assert w.sum() == 4
 
-    w, a, stats = compute_token_weights("none", mask=mask, advantages=adv)
+    w, a, stats = compute_token_weights("none", mask=mask, advantage=adv)
     assert w is None and stats["tw_kept_frac"] == 1.0
 
     r = torch.tensor([1.0, 0.0])
-    w, a, stats = compute_token_weights("nsr", mask=mask, advantages=adv, rewards=r)
+    w, a, stats = compute_token_weights("nsr", mask=mask, advantage=adv, rewards=r)
     assert w is None and torch.equal(a, torch.tensor([0.0, -1.0]))
     assert math.isnan(stats["tw_mean_w_pos"]) and stats["tw_mean_w_neg"] == 1.0
-    _, a, _ = compute_token_weights("w_reinforce", mask=mask, advantages=adv, rewards=r, lam=0.25)
+    _, a, _ = compute_token_weights("w_reinforce", mask=mask, advantage=adv, rewards=r, lam=0.25)
     assert torch.equal(a, torch.tensor([0.25, -1.0]))
-    _, a, _ = compute_token_weights("positive_only", mask=mask, advantages=adv, rewards=r)
+    _, a, _ = compute_token_weights("positive_only", mask=mask, advantage=adv, rewards=r)
     assert torch.equal(a, torch.tensor([1.0, 0.0]))
 
-    w, _, _ = compute_token_weights("entropy_band", entropy=ENT, mask=mask, advantages=adv, lo=0.0, hi=0.2)
+    w, _, _ = compute_token_weights("entropy_band", entropy=ENT, mask=mask, advantage=adv, lo=0.0, hi=0.2)
     assert torch.equal(w, forking_mask(ENT, mask, 0.2))
 
 

@@ -11,17 +11,23 @@ or an SVD.
 
 Optional fields are filled by later stages of the pipeline (see DESIGN.md):
 reward -> advantage -> old_logprob / entropy / hidden -> token_weight.
+
+On disk (`save_batch` / `load_batch`): PATH.safetensors holds the tensors,
+PATH.json the pad id and the list fields; every probe command writes and reads
+this pair.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 # fields that are [B, T] token tensors (right-padded) or [B, T, H]
-_TOKEN_FIELDS = ("response_ids", "response_mask", "old_logprob", "sample_logprob", "entropy", "token_weight", "hidden")
+_TOKEN_FIELDS = ("response_ids", "response_mask", "old_logprob", "sample_logprob", "entropy", "token_weight", "ratio_weight", "hidden")
 # fields that are [B, P] prompt tensors (left-padded)
 _PROMPT_FIELDS = ("prompt_ids", "prompt_mask")
 # fields that are [B] per-row tensors
@@ -46,6 +52,7 @@ class RolloutBatch:
     sample_logprob: torch.Tensor | None = None  # [B, T] float, from the sampler
     entropy: torch.Tensor | None = None  # [B, T] float
     token_weight: torch.Tensor | None = None  # [B, T] float, multiplies A per token
+    ratio_weight: torch.Tensor | None = None  # [B, T] float, multiplies the clipped term (importance correction)
     hidden: torch.Tensor | None = None  # [B, T, H] float, second-to-last layer (ResRL)
     prompt_text: list[str] = field(default_factory=list)
     response_text: list[str] = field(default_factory=list)
@@ -178,6 +185,33 @@ class RolloutBatch:
     @staticmethod
     def from_state_dict(d: dict[str, Any]) -> "RolloutBatch":
         return RolloutBatch(**d)
+
+
+def save_batch(batch: RolloutBatch, path: str | Path) -> Path:
+    """RolloutBatch -> PATH.safetensors (tensors) + PATH.json (pad_id, lists); returns the .safetensors path."""
+    from safetensors.torch import save_file
+
+    p = Path(path).with_suffix(".safetensors")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sd = batch.state_dict()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    meta = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
+    save_file(tensors, str(p))
+    p.with_suffix(".json").write_text(json.dumps(meta))
+    return p
+
+
+def load_batch(path: str | Path) -> RolloutBatch:
+    """Inverse of `save_batch`; PATH may name either file or the common stem."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    st, js = p.with_suffix(".safetensors"), p.with_suffix(".json")
+    if not st.is_file() or not js.is_file():
+        raise FileNotFoundError(f"batch {path}: need {st.name} and {js.name} side by side (written by `tokencredit probe ...`)")
+    d: dict[str, Any] = dict(load_file(str(st)))
+    d.update(json.loads(js.read_text()))
+    return RolloutBatch.from_state_dict(d)
 
 
 def _pad_to(x: torch.Tensor, n: int, left: bool, value: float) -> torch.Tensor:

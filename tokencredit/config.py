@@ -71,6 +71,12 @@ class RolloutConfig(_Section):
     dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling (verl algorithm.filter_groups; the 80/20 paper's setup): drop groups whose training advantages are all zero (all-equal rewards under GRPO) and sample further prompts until prompts_per_step useful groups are collected; surplus groups of the last round are discarded (counted). The reward-balanced buffer, if on, selects from the result.")
     max_gen_rounds: int = Field(4, gt=0, description="Dynamic sampling: at most this many generation rounds of prompts_per_step prompts per rollout step (verl max_num_gen_batches); when reached, the step trains on the useful groups it has.")
 
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature of every training-side log-prob and entropy: the sampling
+        temperature, or 1.0 when sampling is greedy (temperature 0)."""
+        return self.temperature if self.temperature > 0 else 1.0
+
 
 class AlgoConfig(_Section):
     adv_estimator: Literal["grpo", "drgrpo", "rloo"] = Field("grpo", description="Group advantage: grpo (mean/std), drgrpo (mean only), rloo (leave-one-out).")

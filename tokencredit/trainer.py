@@ -1,11 +1,15 @@
 """The training loop. It wires pure pieces together and holds no math of its own.
 
 One rollout step, top to bottom (DESIGN.md "a chain of transforms"):
-    prompts --generate_hf--> RolloutBatch --reward.functions--> reward
-            --group_advantages--> advantage --RewardBalancedBuffer?--> update set
-            --forward_tokens (no grad)--> old_logprob, entropy, hidden
-            --token weights--> token_weight --planner--> mini-batches
-            --policy_loss + AdamW--> new policy --flip probe?--> metrics row
+    prompts --rollout_step (rollout/step.py)--> RolloutBatch with reward, advantage
+            --RewardBalancedBuffer?--> update set
+            --forward_rows (no grad)--> old_logprob, entropy, hidden
+            --planner--> mini-batches --token weights--> token_weight
+            --optimizer_step (update.py)--> new policy --flip probe?--> metrics row
+
+Where each concern lives: prompts data/promptset.py; sampling rollout/
+(backend registry, rollout step); math algo/ and batching.py; the optimizer
+step update.py; run-directory files rundir.py; this file only wires them.
 
 Deliberate simplifications: single process; the model stays in eval mode (no
 dropout) so every forward is deterministic; the reference model for KL is a frozen
@@ -22,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import random
 import time
 import warnings
@@ -32,25 +35,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tokencredit.algo.advantages import group_advantages
-from tokencredit.algo.losses import aggregate, denominator, kl_penalty, loss_mask, masked_mean, policy_loss
+from tokencredit.algo.token_weights import SAMPLE_POLARITY_METHODS, compute_token_weights, method_params
 from tokencredit.batch import RolloutBatch
-from tokencredit.algo.token_weights import SAMPLE_POLARITY_METHODS, training_advantages
-from tokencredit.batching import PLANNERS, RewardBalancedBuffer, advantage_sign, groups_with_signal, minibatch_metrics
+from tokencredit.batching import PLANNERS, RewardBalancedBuffer, advantage_sign, minibatch_metrics
 from tokencredit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tokencredit.config import Config, ConfigError, dump_config
+from tokencredit.data.promptset import build_prompt_set
+from tokencredit.model.forward import forward_rows
+from tokencredit.model.load import resolve_device
 from tokencredit.probes.flip import flip_records, flip_stats
-from tokencredit.rewards.functions import merge_stats
-from tokencredit.rollout.hf import generate_hf
+from tokencredit.rollout import make_sampler, rollout_step
+from tokencredit.rundir import append_jsonl, read_jsonl, write_jsonl, write_parquet
 from tokencredit.tracking import Tracker, open_trackers, require_extras
+from tokencredit.update import LossSpec, micro_batches, optimizer_step
 
 log = logging.getLogger("tokencredit")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_buffer(cfg: Config) -> RewardBalancedBuffer | None:
@@ -83,7 +82,6 @@ class EvalResult:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, resume: bool = False, model=None, tokenizer=None):
-        from tokencredit.data import arithmetic_problems, load_problems, render_prompt
         from tokencredit.model import load_model
         from tokencredit.rewards.functions import RewardFunctions
 
@@ -113,29 +111,11 @@ class Trainer:
         if cfg.algo.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
 
-        # ---- data: rendered prompts + answers, filtered by length
-        if cfg.data.train == "arithmetic":
-            problems = arithmetic_problems(cfg.data.num_train, seed=cfg.train.seed, difficulty=cfg.data.difficulty)
-        else:
-            problems = load_problems(cfg.data.train, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field)
-        kept: list = []  # the Problems behind self.prompts: questions and extra columns for reward functions
-        self.prompts, self.answers = self._render(problems, render_prompt, kept)
-        self.questions, self.extras = [p.prompt for p in kept], [p.extra for p in kept]
-        if not self.prompts:
-            raise ValueError(f"no training prompt fits data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
-        self.eval_prompts: list[str] = []
-        self.eval_answers: list[str] = []
-        self.eval_questions: list[str] = []
-        self.eval_extras: list[dict] = []
-        if cfg.eval.num_problems > 0:
-            if cfg.eval.data == "arithmetic":
-                # a different seed than training: held-out problems
-                ev = arithmetic_problems(cfg.eval.num_problems, seed=cfg.train.seed + 10_007, difficulty=cfg.data.difficulty)
-            else:
-                ev = load_problems(cfg.eval.data, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field, limit=cfg.eval.num_problems)
-            kept = []
-            self.eval_prompts, self.eval_answers = self._render(ev, render_prompt, kept)
-            self.eval_questions, self.eval_extras = [p.prompt for p in kept], [p.extra for p in kept]
+        # ---- data: rendered prompts + answers (filtered by length), the held-out set
+        self.prompt_set = build_prompt_set(cfg, self.tokenizer, "train")
+        self.eval_set = build_prompt_set(cfg, self.tokenizer, "eval")
+        self.sampler = make_sampler(self.model, self.tokenizer, cfg)
+        self.loss_spec = LossSpec.from_config(cfg)
 
         self.planner = PLANNERS.get(cfg.batching.planner)
         self.optimizer = torch.optim.AdamW(
@@ -171,265 +151,32 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             (self.run_dir / "metrics.jsonl").write_text("")
 
-    # ----------------------------------------------------------------- data
-    def _render(self, problems, render_prompt, kept: list | None = None):
-        """(rendered prompts, answers) of the problems that fit data.max_prompt_tokens;
-        those problems are appended to `kept` when given."""
-        prompts, answers, skipped = [], [], 0
-        for p in problems:
-            text = render_prompt(self.tokenizer, p.prompt, self.cfg.data.system_prompt)
-            if len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) > self.cfg.data.max_prompt_tokens:
-                skipped += 1
-                continue
-            prompts.append(text)
-            answers.append(p.answer)
-            if kept is not None:
-                kept.append(p)
-        if skipped:
-            log.warning("skipped %d prompts longer than data.max_prompt_tokens=%d", skipped, self.cfg.data.max_prompt_tokens)
-        return prompts, answers
-
-    def _prompt_indices(self, step: int) -> list[int]:
-        """Prompts of rollout step `step` when every step takes one round of
-        prompts_per_step prompts (no dynamic sampling)."""
-        k = self.cfg.rollout.prompts_per_step
-        return self._prompt_range(step * k, k)
-
-    def _prompt_range(self, start: int, count: int) -> list[int]:
-        """Training prompts number start .. start+count-1 of the (seeded, per-epoch
-        shuffled) prompt stream: a deterministic function of (seed, position), so a
-        resumed run (the cursor is checkpointed) sees exactly the prompts an
-        uninterrupted one would."""
-        n = len(self.prompts)
-        out = []
-        for j in range(start, start + count):
-            epoch, pos = divmod(j, n)
-            out.append(self._epoch_order(epoch)[pos] if self.cfg.data.shuffle else pos)
-        return out
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        if getattr(self, "_order_epoch", None) != epoch:
-            g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-            self._order, self._order_epoch = torch.randperm(len(self.prompts), generator=g).tolist(), epoch
-        return self._order
+    # ------------------------------------------------------------- rollout
+    def rollout(self) -> tuple[RolloutBatch, dict[str, float]]:
+        """One rollout step from the prompt cursor (rollout/step.py): the batch
+        that goes on and its metrics; advances the cursor and token counters."""
+        out = rollout_step(self.sampler, self.prompt_set, self.verifier, self.cfg,
+                           cursor=self.prompt_cursor, policy_version=self.policy_version)
+        self.prompt_cursor = out.cursor
+        self.tokens_generated += out.tokens
+        if self.cfg.rollout.dynamic_sampling:
+            self.ds_surplus_total += out.surplus_groups
+            out.metrics["ds_surplus_groups_total"] = float(self.ds_surplus_total)
+        return out.batch, out.metrics
 
     # ------------------------------------------------------------- forward
     def _forward_rows(self, batch: RolloutBatch, **kw) -> dict[str, torch.Tensor]:
-        """forward_tokens over `batch` in micro-batches of rows, no grad; outputs
-        re-padded to the batch's own [B, T]."""
-        from tokencredit.model import forward_tokens
-
-        B, T = batch.response_ids.shape
-        mb = self.cfg.train.micro_batch_size
-        parts: dict[str, list[torch.Tensor]] = {}
-        with torch.no_grad():
-            for s in range(0, B, mb):
-                sub = batch.select(range(s, min(B, s + mb))).to(self.device)
-                out = forward_tokens(self.model, sub, temperature=self._temp, chunk_tokens=self.cfg.model.chunk_tokens, **kw)
-                for k, v in out.items():
-                    pad = torch.zeros((v.shape[0], T) + tuple(v.shape[2:]), dtype=v.dtype)
-                    pad[:, : v.shape[1]] = v.cpu()
-                    parts.setdefault(k, []).append(pad)
-        return {k: torch.cat(v, 0) for k, v in parts.items()}
-
-    @property
-    def _temp(self) -> float:
-        return self.cfg.rollout.temperature if self.cfg.rollout.temperature > 0 else 1.0
-
-    # ------------------------------------------------------------- rollout
-    def _sample(self, idx: list[int]) -> tuple[RolloutBatch, float, float, dict[str, float]]:
-        """Generate n responses for prompts `idx`, score them, and attach the group
-        advantages and the advantages that train. Returns (batch, gen_s, reward_s,
-        reward stats: reward/<name>/mean and /failures per reward function)."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        batch = generate_hf(
-            self.model, self.tokenizer, [self.prompts[i] for i in idx], n=cfg.rollout.n,
-            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
-            gen_batch_size=cfg.rollout.gen_batch_size, group_offset=self.prompt_cursor,
-            answers=[self.answers[i] for i in idx],
-        )
-        t1 = time.perf_counter()
-        of_row = [i for i in idx for _ in range(cfg.rollout.n)]  # prompt of each row (groups adjacent)
-        cols = sorted({c for i in idx for c in self.extras[i]})
-        rewards, rstats = self.verifier(batch.response_text, batch.answer, [self.questions[i] for i in of_row],
-                                        {c: [self.extras[i].get(c) for i in of_row] for c in cols})
-        batch.reward = torch.tensor(rewards, dtype=torch.float32)
-        t2 = time.perf_counter()
-        adv = group_advantages(batch.reward, batch.group_id, cfg.algo.adv_estimator, cfg.algo.adv_eps)
-        # sample-polarity methods decide which rows train: the buffer and dynamic sampling see that advantage
-        batch.advantage = training_advantages(cfg.token_weights.method, adv, batch.reward, cfg.token_weights.lam,
-                                              threshold=cfg.reward.correct_threshold)
-        batch.policy_version = torch.full((len(batch),), self.policy_version, dtype=torch.long)
-        batch.prompt_index = torch.tensor(idx, dtype=torch.long).repeat_interleave(cfg.rollout.n)
-        self.prompt_cursor += len(idx)
-        return batch, t1 - t0, t2 - t1, rstats
-
-    def rollout(self) -> tuple[RolloutBatch, dict[str, float]]:
-        """One rollout step: prompts_per_step prompts x n responses, or, with
-        rollout.dynamic_sampling, as many rounds (<= max_gen_rounds) as it takes to
-        collect prompts_per_step groups with a nonzero training advantage."""
-        cfg = self.cfg
-        k = cfg.rollout.prompts_per_step
-        rounds, t_gen, t_rew, parts, rparts = 0, 0.0, 0.0, [], []
-        useful = 0
-        while True:
-            batch, tg, tr, rst = self._sample(self._prompt_range(self.prompt_cursor, k))
-            rounds, t_gen, t_rew = rounds + 1, t_gen + tg, t_rew + tr
-            parts.append(batch)
-            rparts.append((len(batch), rst))
-            if not cfg.rollout.dynamic_sampling:
-                break
-            useful += int(groups_with_signal(batch.group_id, batch.advantage).sum()) // cfg.rollout.n
-            if useful >= k or rounds >= cfg.rollout.max_gen_rounds:
-                break
-        sampled = parts[0] if len(parts) == 1 else RolloutBatch.concat(parts)
-        ntok = sampled.num_tokens
-        self.tokens_generated += ntok
-        m = {
-            "reward_mean": float(sampled.reward.mean()),
-            "response_len_mean": ntok / len(sampled),
-            "finished_frac": sum(sampled.finished) / len(sampled),
-            "groups_all_equal": float(self._groups_all_equal(sampled)),
-            "time_generate_s": t_gen,
-            "time_reward_s": t_rew,
-            "gen_tokens_per_s": ntok / max(t_gen, 1e-9),
-            **merge_stats(rparts),  # reward/<name>/mean over every sampled row, reward/<name>/failures
-        }
-        if not cfg.rollout.dynamic_sampling:
-            return sampled, m
-        keep = groups_with_signal(sampled.group_id, sampled.advantage)  # [B] rows of useful groups
-        gids = sampled.group_id[keep].unique_consecutive().tolist()  # useful groups in sampling order
-        kept_groups = torch.tensor(gids[:k], dtype=torch.long)
-        self.ds_surplus_total += max(0, len(gids) - k)
-        m.update({
-            "ds_gen_rounds": float(rounds),
-            "ds_useful_groups": float(len(gids)),
-            "ds_dropped_groups": float(len(sampled) // cfg.rollout.n - len(gids)),
-            "ds_surplus_groups": float(max(0, len(gids) - k)),
-            "ds_surplus_groups_total": float(self.ds_surplus_total),
-            "ds_short_groups": float(max(0, k - len(gids))),
-        })
-        rows = torch.isin(sampled.group_id, kept_groups).nonzero().squeeze(1)
-        return sampled.select(rows), m
-
-    @staticmethod
-    def _groups_all_equal(batch: RolloutBatch) -> float:
-        gids = batch.group_id.unique()
-        eq = [float(batch.reward[batch.group_id == g].unique().numel() == 1) for g in gids]
-        return sum(eq) / max(len(eq), 1)
-
-    # -------------------------------------------------------------- update
-    def _token_weights(self, batch: RolloutBatch, gen: torch.Generator):
-        """(token_weight [B, T] | None, advantages [B], stats) for the rows of `batch`."""
-        tw = self.cfg.token_weights
-        if tw.method == "none":
-            return None, batch.advantage, {}
-        from tokencredit.algo.token_weights import compute_token_weights
-
-        params = {
-            "forking": {"top": tw.top},
-            "forking_random": {"top": tw.top},
-            "forking_low": {"bottom": 1.0 - tw.top},
-            "entropy_band": {"lo": tw.band[0], "hi": tw.band[1]},
-            "w_reinforce": {"lam": tw.lam},
-            "resrl": {"rank": tw.resrl_rank, "max_pos_tokens": tw.resrl_max_pos_tokens, "pos_scale": tw.resrl_pos_scale},
-        }.get(tw.method, {})
-        if tw.method in SAMPLE_POLARITY_METHODS or tw.method == "resrl":
-            params["threshold"] = self.cfg.reward.correct_threshold  # reward >= threshold: a correct row
-        return compute_token_weights(
-            tw.method, entropy=batch.entropy, mask=batch.response_mask, advantages=batch.advantage,
-            rewards=batch.reward, group_id=batch.group_id, hidden=batch.hidden,
-            is_positive=batch.advantage > 0, generator=gen, **params,
-        )
-
-    def update(self, batch: RolloutBatch) -> dict[str, float]:
-        cfg = self.cfg
-        tw_cfg = cfg.token_weights
-        gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.policy_version)
-        pf = cfg.probes.flip
-        probe = pf.every > 0 and (self.policy_version + 1) % pf.every == 0
-        t0 = time.perf_counter()
-        # the flip probe's reference: the same forward, padding and row composition as its "after"
-        l_before = self._forward_rows(batch, with_entropy=False)["logprob"] if probe else None
-        t_probe = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self._pre_update_forward(batch, need_hidden=tw_cfg.method == "resrl")
-        t_fwd = time.perf_counter() - t0
-
-        stats: dict[str, list[float]] = {}
-        tw_time = 0.0
-        # ResRL's subspaces are per whole group: always built over the whole update set
-        whole_set = tw_cfg.scope == "rollout-batch" or tw_cfg.method == "resrl"
-        if whole_set:
-            t = time.perf_counter()
-            batch.token_weight, batch.advantage, st = self._token_weights(batch, gen)
-            tw_time += time.perf_counter() - t
-            _acc(stats, st)
-        rows_per_mb = rows_per_minibatch(cfg)
-        count_zero = tw_cfg.denominator == "all"
-        t_upd = time.perf_counter()
-        mb_metrics = {}
-        for epoch in range(cfg.train.ppo_epochs):
-            plan = self.planner(batch.group_id, batch.advantage, batch.response_lengths, rows_per_mb, gen)
-            if epoch == 0:
-                mb_metrics = minibatch_metrics(batch.group_id, batch.advantage, plan)
-            for rows in plan:
-                mbatch = batch.select(rows)
-                micro_rows = [list(range(s, min(len(mbatch), s + cfg.train.micro_batch_size))) for s in range(0, len(mbatch), cfg.train.micro_batch_size)]
-                if tw_cfg.scope == "mini-batch" and not whole_set:
-                    t = time.perf_counter()
-                    mbatch.token_weight, mbatch.advantage, st = self._token_weights(mbatch, gen)
-                    tw_time += time.perf_counter() - t
-                    _acc(stats, st)
-                micros = [mbatch.select(r) for r in micro_rows]
-                if tw_cfg.scope == "micro-batch" and not whole_set:
-                    t = time.perf_counter()
-                    for u in micros:
-                        u.token_weight, u.advantage, st = self._token_weights(u, gen)
-                        _acc(stats, st)
-                    tw_time += time.perf_counter() - t
-                # one normaliser for the whole mini-batch (gradient-accumulation invariant)
-                denom = sum(denominator(loss_mask(u.response_mask, u.token_weight, count_zero), cfg.algo.loss_agg) for u in micros)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.model.train(cfg.model.gradient_checkpointing)  # HF checkpoints activations only in train mode
-                for u in micros:
-                    _acc(stats, self._micro_step(u, denom, count_zero))
-                self.model.eval()
-                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-                _acc(stats, {"grad_norm": float(gnorm)})
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optim_steps += 1
-        t_upd = time.perf_counter() - t_upd
-        self.policy_version += 1
-        out = {k: sum(v) / len(v) for k, v in stats.items() if v}
-        out.update(mb_metrics)
-        valid = batch.response_mask.bool()
-        out.update({
-            "entropy_mean": float(batch.entropy[valid].mean()) if valid.any() else 0.0,
-            "update_rows": float(len(batch)),
-            "update_pos_rows": float((batch.advantage > 0).sum()),
-            "update_neg_rows": float((batch.advantage < 0).sum()),
-            "time_old_logprob_s": t_fwd,
-            "time_update_s": t_upd,
-            "time_token_weights_s": tw_time,
-            "lr": self.scheduler.get_last_lr()[0],
-        })
-        if probe:
-            t = time.perf_counter()
-            after = self._forward_rows(batch, with_entropy=False)["logprob"]
-            delta = after - l_before
-            out.update(flip_stats(delta, batch.advantage, batch.response_mask, pf.eps))
-            if pf.save_tokens:
-                self._save_flip_records(delta, batch, l_before)
-            out["time_flip_probe_s"] = t_probe + time.perf_counter() - t
-        return out
+        """The policy's no-grad per-token forward (model/forward.py `forward_rows`) at
+        the run's temperature, chunking and micro-batch size; [B, T] CPU tensors."""
+        c = self.cfg
+        return forward_rows(self.model, batch, micro_rows=c.train.micro_batch_size, temperature=c.rollout.logprob_temperature,
+                            chunk_tokens=c.model.chunk_tokens, **kw)
 
     def _forward_subset(self, batch: RolloutBatch, rows, base: dict, need_hidden: bool) -> dict[str, torch.Tensor]:
-        """No-grad forward of `rows` of `batch`; {"logprob", "entropy"[, "hidden"]} as
-        full [B, T] ([B, T, H]) tensors: the forwarded rows' values written into a copy
-        of base[key] (zeros where base has no tensor for the key)."""
+        """The one place the policy forward for an update set happens: no-grad forward
+        of `rows` of `batch`; {"logprob", "entropy"[, "hidden"]} as full [B, T]
+        ([B, T, H]) tensors: the forwarded rows' values written into a copy of
+        base[key] (zeros where base has no tensor for the key)."""
         B, T = batch.response_ids.shape
         cur = self._forward_rows(batch.select(rows), with_entropy=True, with_hidden=need_hidden)
         t = cur["logprob"].shape[1]
@@ -439,6 +186,19 @@ class Trainer:
             full[rows, :t] = v
             out[key] = full
         return out
+
+    def _sampling_forward(self, batch: RolloutBatch) -> None:
+        """Log-probs (the importance ratio's old policy), entropies and, for ResRL,
+        hidden states of the sampling policy, for rows about to be buffered. Rows
+        with zero training advantage are dropped by the buffer, so they are not
+        forwarded (their fields stay 0)."""
+        B, T = batch.response_ids.shape
+        rows = advantage_sign(batch.advantage).ne(0).nonzero().squeeze(1)  # [R]
+        if len(rows) == 0:
+            batch.old_logprob, batch.entropy, batch.hidden = torch.zeros(B, T), torch.zeros(B, T), None
+            return
+        cur = self._forward_subset(batch, rows, {}, need_hidden=self.cfg.token_weights.method == "resrl")
+        batch.old_logprob, batch.entropy, batch.hidden = cur["logprob"], cur["entropy"], cur.get("hidden")
 
     def _pre_update_forward(self, batch: RolloutBatch, need_hidden: bool) -> None:
         """Fill batch.old_logprob / entropy / hidden for the update.
@@ -462,57 +222,94 @@ class Trainer:
         if batch.old_logprob is None:  # then every row was forwarded
             batch.old_logprob = cur["logprob"]
 
-    def _sampling_forward(self, batch: RolloutBatch) -> None:
-        """Log-probs (the importance ratio's old policy), entropies and, for ResRL,
-        hidden states of the sampling policy, for rows about to be buffered. Rows
-        with zero training advantage are dropped by the buffer, so they are not
-        forwarded (their fields stay 0)."""
-        B, T = batch.response_ids.shape
-        rows = advantage_sign(batch.advantage).ne(0).nonzero().squeeze(1)  # [R]
-        if len(rows) == 0:
-            batch.old_logprob, batch.entropy, batch.hidden = torch.zeros(B, T), torch.zeros(B, T), None
-            return
-        cur = self._forward_subset(batch, rows, {}, need_hidden=self.cfg.token_weights.method == "resrl")
-        batch.old_logprob, batch.entropy, batch.hidden = cur["logprob"], cur["entropy"], cur.get("hidden")
+    # -------------------------------------------------------------- update
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        """One update set -> train.ppo_epochs x (planned mini-batches -> one optimizer step each)."""
+        cfg, tw = self.cfg, self.cfg.token_weights
+        gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.policy_version)
+        stats: dict[str, list[float]] = {}
+        t0 = time.perf_counter()
+        self._pre_update_forward(batch, need_hidden=tw.method == "resrl")  # old_logprob, entropy (, hidden)
+        t_fwd, t_tw = time.perf_counter() - t0, 0.0
+        # weigh: once over the update set (ResRL's subspaces are per whole group: always), or per cut below
+        scope = "rollout-batch" if tw.method == "resrl" else tw.scope
+        if scope == "rollout-batch":
+            t_tw += self._weigh(batch, gen, stats)
+        t0, mb_metrics = time.perf_counter(), {}
+        for epoch in range(cfg.train.ppo_epochs):
+            plan = self.planner(batch.group_id, batch.advantage, batch.response_lengths, rows_per_minibatch(cfg), gen)  # plan
+            if epoch == 0:
+                mb_metrics = minibatch_metrics(batch.group_id, batch.advantage, plan)
+            for rows in plan:
+                mini = batch.select(rows)
+                if scope == "mini-batch":
+                    t_tw += self._weigh(mini, gen, stats)
+                micros = micro_batches(mini, cfg.train.micro_batch_size)
+                if scope == "micro-batch":
+                    t_tw += sum(self._weigh(u, gen, stats) for u in micros)
+                st = optimizer_step(  # step: one normaliser for the whole mini-batch
+                    self.model, self.optimizer, micros, self.loss_spec, temperature=cfg.rollout.logprob_temperature,
+                    chunk_tokens=cfg.model.chunk_tokens, grad_clip=cfg.train.grad_clip, ref_model=self.ref_model,
+                    train_mode=cfg.model.gradient_checkpointing,  # HF checkpoints activations only in train mode
+                )
+                for k, v in st.items():
+                    stats.setdefault(k, []).extend(v)
+                self.scheduler.step()
+                self.optim_steps += 1
+        t_upd = time.perf_counter() - t0
+        self.policy_version += 1
+        self.sampler.sync_weights(self.model, self.policy_version)
+        out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        out.update(mb_metrics)
+        valid = batch.response_mask.bool()
+        out.update({
+            "entropy_mean": float(batch.entropy[valid].mean()) if valid.any() else 0.0,
+            "update_rows": float(len(batch)),
+            "update_pos_rows": float((batch.advantage > 0).sum()),
+            "update_neg_rows": float((batch.advantage < 0).sum()),
+            "time_old_logprob_s": t_fwd,
+            "time_update_s": t_upd,
+            "time_token_weights_s": t_tw,
+            "lr": self.scheduler.get_last_lr()[0],
+        })
+        return out
 
-    def _micro_step(self, u: RolloutBatch, denom: float, count_zero: bool) -> dict[str, float]:
-        from tokencredit.model import forward_tokens
-
-        cfg = self.cfg
-        u = u.to(self.device)
-        out = forward_tokens(self.model, u, temperature=self._temp, chunk_tokens=cfg.model.chunk_tokens, with_entropy=False)
-        loss, st = policy_loss(
-            out["logprob"], u.old_logprob, u.advantage, u.response_mask,
-            clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, dual_clip=cfg.algo.dual_clip,
-            agg=cfg.algo.loss_agg, token_weight=u.token_weight, count_zero_weight=count_zero, denom=denom,
+    def _weigh(self, rows: RolloutBatch, gen: torch.Generator, stats: dict[str, list[float]]) -> float:
+        """Set rows.token_weight and rows.advantage (token_weights.method over these
+        rows); stats accumulate; returns the seconds it took."""
+        tw = self.cfg.token_weights
+        if tw.method == "none":
+            return 0.0
+        t = time.perf_counter()
+        rows.token_weight, rows.advantage, st = compute_token_weights(
+            tw.method, entropy=rows.entropy, mask=rows.response_mask, advantage=rows.advantage, rewards=rows.reward,
+            group_id=rows.group_id, hidden=rows.hidden, is_positive=rows.advantage > 0, generator=gen,
+            **method_params(tw, self.cfg.reward.correct_threshold),
         )
-        st["pg_loss"] = float(loss.detach())
-        if self.ref_model is not None:
-            ref = self._ref_forward(u)
-            kl = kl_penalty(out["logprob"], ref.to(self.device), cfg.algo.kl_estimator)
-            lm = loss_mask(u.response_mask, u.token_weight, count_zero)
-            loss = loss + cfg.algo.kl_coef * aggregate(kl, lm, cfg.algo.loss_agg, denom)
-            st["kl"] = float(masked_mean(kl.detach(), u.response_mask))
-        loss.backward()
-        return st
+        for k, v in st.items():
+            stats.setdefault(k, []).append(float(v))
+        return time.perf_counter() - t
 
-    @torch.no_grad()
-    def _ref_forward(self, batch: RolloutBatch) -> torch.Tensor:
-        from tokencredit.model import forward_tokens
+    # ---------------------------------------------------------- flip probe
+    def _flip_due(self) -> bool:
+        """Whether the flip probe runs on the coming update (probes.flip.every)."""
+        every = self.cfg.probes.flip.every
+        return every > 0 and (self.policy_version + 1) % every == 0
 
-        return forward_tokens(self.ref_model, batch.to(self.device), temperature=self._temp, chunk_tokens=self.cfg.model.chunk_tokens, with_entropy=False)["logprob"].cpu()
-
-    def _save_flip_records(self, delta, batch, l_before):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        d = self.run_dir / "probes"
-        d.mkdir(exist_ok=True)
-        rec = flip_records(delta, batch.advantage, batch.response_mask, batch.response_ids, batch.entropy, l_before, self.policy_version,
-                           group_id=batch.group_id, prompt_index=batch.prompt_index)
-        tmp = d / f".flip_step_{self.rollout_step}.parquet.tmp"
-        pq.write_table(pa.table(rec), tmp)
-        tmp.replace(d / f"flip_step_{self.rollout_step}.parquet")
+    def _flip_probe(self, batch: RolloutBatch, before: torch.Tensor, t_before: float) -> dict[str, float]:
+        """Token-flip statistics of the update just applied: Delta log p of every
+        token of the update set on the same forward path as `before` [B, T];
+        per-token records to probes/flip_step_N.parquet with probes.flip.save_tokens."""
+        pf = self.cfg.probes.flip
+        t = time.perf_counter()
+        delta = self._forward_rows(batch, with_entropy=False)["logprob"] - before  # [B, T]
+        out = flip_stats(delta, batch.advantage, batch.response_mask, pf.eps)
+        if pf.save_tokens:
+            rec = flip_records(delta, batch.advantage, batch.response_mask, batch.response_ids, batch.entropy, before,
+                               self.policy_version, group_id=batch.group_id, prompt_index=batch.prompt_index)
+            write_parquet(self.run_dir / "probes" / f"flip_step_{self.rollout_step}.parquet", rec)
+        out["time_flip_probe_s"] = t_before + time.perf_counter() - t
+        return out
 
     # ---------------------------------------------------------------- eval
     def evaluate(self) -> EvalResult:
@@ -520,14 +317,15 @@ class Trainer:
         from tokencredit.evaluate import evaluate_prompts
 
         ev = self.cfg.eval
-        if not self.eval_prompts:
+        es = self.eval_set
+        if not len(es):
             return EvalResult(float("nan"), 0.0, 0)
         k = ev.k or ev.n
         _, s = evaluate_prompts(
-            self.model, self.tokenizer, self.eval_prompts, self.eval_answers, n=ev.n, k=k,
+            self.model, self.tokenizer, es.prompts, es.answers, n=ev.n, k=k,
             temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
             gen_batch_size=self.cfg.rollout.gen_batch_size, progress=False, seed=self.cfg.train.seed + 1,
-            verifier=self.verifier, name="eval", questions=self.eval_questions, extras=self.eval_extras,
+            verifier=self.verifier, name="eval", questions=es.questions, extras=es.extras,
             threshold=self.cfg.reward.correct_threshold,
         )
         return EvalResult(s[f"avg@{k}"], s["response_len_mean"], s["num_problems"] * ev.n, s[f"pass@{k}"], k)
@@ -537,7 +335,7 @@ class Trainer:
         cfg = self.cfg
         total = cfg.train.steps
         self.trackers = open_trackers(cfg, self.run_dir, resume_step=self.rollout_step)
-        if self.rollout_step == 0 and self.eval_prompts:
+        if self.rollout_step == 0 and len(self.eval_set):
             e = self.evaluate()
             self.eval_history.append((0, e.accuracy))
             self._log({"step": 0, **_eval_row(e)})
@@ -560,7 +358,14 @@ class Trainer:
                 update_set, bst = self.buffer.pop_update_set(self.policy_version)
                 m.update(bst)
             if update_set is not None and len(update_set) > 0:
+                flip = self._flip_due()
+                t = time.perf_counter()
+                # the flip probe's reference: the same forward, padding and row composition as its "after"
+                before = self._forward_rows(update_set, with_entropy=False)["logprob"] if flip else None
+                t_before = time.perf_counter() - t
                 m.update(self.update(update_set))
+                if flip:
+                    m.update(self._flip_probe(update_set, before, t_before))
             else:
                 m["skipped_update"] = 1.0
             step_time = time.perf_counter() - t0
@@ -591,7 +396,7 @@ class Trainer:
         }
         if self.buffer is not None:
             summary["rb_utilisation"] = self.buffer.utilisation
-        if self.eval_prompts:
+        if len(self.eval_set):
             e = self.evaluate()
             self.eval_history.append((self.rollout_step, e.accuracy))
             self._log({"step": self.rollout_step, **_eval_row(e), "final": True})
@@ -609,8 +414,7 @@ class Trainer:
         return summary
 
     def _log(self, row: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}) + "\n")
+        append_jsonl(self.run_dir / "metrics.jsonl", [row])
         for t in self.trackers:  # output.report_to: every numeric value at the row's rollout step
             t.log(row, int(row.get("step", self.rollout_step)))
 
@@ -668,9 +472,8 @@ class Trainer:
         # drop metric rows logged after the checkpoint (the killed run's tail)
         mpath = self.run_dir / "metrics.jsonl"
         if mpath.exists():
-            keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= self.rollout_step
-                    and not json.loads(ln).get("final")]
-            mpath.write_text("".join(k + "\n" for k in keep))
+            write_jsonl(mpath, [r for r in read_jsonl(mpath) if r.get("step", 0) <= self.rollout_step and not r.get("final")])
+        self.sampler.sync_weights(self.model, self.policy_version)
         log.info("resumed from %s (rollout step %d)", ck, self.rollout_step)
 
 
@@ -678,7 +481,3 @@ def _eval_row(e: EvalResult) -> dict[str, float]:
     """Metrics of one evaluation: eval_accuracy is avg@k (= accuracy for k = 1)."""
     return {"eval_accuracy": e.accuracy, "eval_pass_at_k": e.pass_at_k, "eval_k": e.k, "eval_len_mean": e.mean_len}
 
-
-def _acc(stats: dict[str, list[float]], new: dict[str, float]) -> None:
-    for k, v in new.items():
-        stats.setdefault(k, []).append(float(v))

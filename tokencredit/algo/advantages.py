@@ -24,9 +24,9 @@ from tokencredit.registry import Registry
 ADVANTAGES: Registry = Registry("advantage estimator")
 
 
-def _group_stats(rewards: torch.Tensor, group_ids: torch.Tensor):
+def _group_stats(rewards: torch.Tensor, group_id: torch.Tensor):
     """Per-row group size, mean and unbiased std. All [B] float64."""
-    _, inv = torch.unique(group_ids, return_inverse=True)  # [B] -> group index
+    _, inv = torch.unique(group_id, return_inverse=True)  # [B] -> group index
     n_groups = int(inv.max().item()) + 1
     r = rewards.to(torch.float64)
     count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv, torch.ones_like(r))
@@ -38,44 +38,44 @@ def _group_stats(rewards: torch.Tensor, group_ids: torch.Tensor):
 
 
 @ADVANTAGES.register("grpo")
-def grpo(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def grpo(rewards: torch.Tensor, group_id: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """[B] rewards, [B] group ids -> [B] (r - mean_g) / (std_g + eps)."""
-    n, mean, std = _group_stats(rewards, group_ids)
+    n, mean, std = _group_stats(rewards, group_id)
     adv = (rewards.double() - mean) / (std + eps)
     return torch.where(n > 1, adv, torch.zeros_like(adv))
 
 
 @ADVANTAGES.register("drgrpo")
-def drgrpo(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def drgrpo(rewards: torch.Tensor, group_id: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """[B] -> [B] r - mean_g (Dr.GRPO drops the std division)."""
-    n, mean, _ = _group_stats(rewards, group_ids)
+    n, mean, _ = _group_stats(rewards, group_id)
     adv = rewards.double() - mean
     return torch.where(n > 1, adv, torch.zeros_like(adv))
 
 
 @ADVANTAGES.register("rloo")
-def rloo(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rloo(rewards: torch.Tensor, group_id: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """[B] -> [B] r_i minus the mean of the other G-1 rewards of its group."""
-    n, mean, _ = _group_stats(rewards, group_ids)
+    n, mean, _ = _group_stats(rewards, group_id)
     adv = (rewards.double() - mean) * n / (n - 1).clamp(min=1)
     return torch.where(n > 1, adv, torch.zeros_like(adv))
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor, mode: str = "grpo", eps: float = 1e-6
+    rewards: torch.Tensor, group_id: torch.Tensor, mode: str = "grpo", eps: float = 1e-6
 ) -> torch.Tensor:
     """Group-relative advantages.
 
     Args:
         rewards: [B] float, one scalar reward per response.
-        group_ids: [B] long, responses of one prompt share an id (any order).
+        group_id: [B] long, responses of one prompt share an id (any order).
         mode: "grpo" | "drgrpo" | "rloo".
         eps: added to the std (grpo only).
     Returns:
         [B] float32 advantages (exact zeros for all-equal or single-row groups).
     """
-    if rewards.ndim != 1 or group_ids.shape != rewards.shape:
-        raise ValueError(f"rewards and group_ids must both be [B]; got {tuple(rewards.shape)} and {tuple(group_ids.shape)}")
+    if rewards.ndim != 1 or group_id.shape != rewards.shape:
+        raise ValueError(f"rewards and group_id must both be [B]; got {tuple(rewards.shape)} and {tuple(group_id.shape)}")
     if rewards.numel() == 0:
         return torch.zeros(0, dtype=torch.float32)
-    return ADVANTAGES.get(mode)(rewards, group_ids, eps=eps).to(torch.float32)
+    return ADVANTAGES.get(mode)(rewards, group_id, eps=eps).to(torch.float32)

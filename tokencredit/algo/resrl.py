@@ -37,7 +37,7 @@ What this module decides on purpose (all documented in docs/token_weights.md):
 
 Try it::
 
-    w, stats = resrl_weights(hidden, mask, group_ids, rewards > 0.5)
+    w, stats = resrl_weights(hidden, mask, group_id, rewards > 0.5)
     token_weight = w   # multiplies the (GRPO) advantage per token
 """
 
@@ -106,7 +106,7 @@ def positive_subspace(
 def resrl_weights(
     hidden: torch.Tensor,
     mask: torch.Tensor,
-    group_ids: torch.Tensor,
+    group_id: torch.Tensor,
     is_positive: torch.Tensor,
     rank: int = 64,
     max_pos_tokens: int = 8192,
@@ -124,7 +124,7 @@ def resrl_weights(
     hidden:      (B, T, H) hidden states (second-to-last layer) at the positions
                  that predict each response token; detached, any float dtype.
     mask:        (B, T) response mask, > 0 = real sampled token.
-    group_ids:   (B,) rows of one prompt share an id.
+    group_id:   (B,) rows of one prompt share an id.
     is_positive: (B,) bool, row counted as a positive (correct) response.
 
     Returns (weights, stats):
@@ -144,15 +144,15 @@ def resrl_weights(
     B, T, H = hidden.shape
     if mask.shape != (B, T):
         raise ValueError(f"mask must be (B, T) = {(B, T)}, got {tuple(mask.shape)}")
-    if group_ids.shape != (B,) or is_positive.shape != (B,):
-        raise ValueError("group_ids and is_positive must be (B,)")
+    if group_id.shape != (B,) or is_positive.shape != (B,):
+        raise ValueError("group_id and is_positive must be (B,)")
     if not 0.0 <= q_low <= q_high <= 1.0:
         raise ValueError(f"need 0 <= q_low <= q_high <= 1, got {q_low}, {q_high}")
 
     device = hidden.device
     valid = mask.to(device) > 0  # (B, T) bool
     is_pos = is_positive.to(device=device, dtype=torch.bool)  # (B,)
-    gids = group_ids.to(device)  # (B,)
+    gids = group_id.to(device)  # (B,)
     weights = valid.to(torch.float32)  # (B, T): 1 on valid tokens, 0 on padding
 
     n_done, n_skipped = 0, 0

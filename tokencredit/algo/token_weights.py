@@ -1,4 +1,4 @@
-"""Token weights and sample-polarity advantages: which tokens (and rows) carry the
+"""Token weights and sample-polarity advantage: which tokens (and rows) carry the
 policy gradient.
 
 Methods, each a pure function (tensors in, tensors out, masks everywhere):
@@ -35,14 +35,14 @@ Deliberate simplifications / choices:
 Try it::
 
     w, adv, stats = compute_token_weights("forking", entropy=ent, mask=mask,
-                                          advantages=adv, top=0.2)
+                                          advantage=adv, top=0.2)
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -56,7 +56,6 @@ __all__ = [
     "random_token_mask",
     "entropy_band_mask",
     "polarity_advantages",
-    "polarity_weights",
     "sign_mask_advantages",
     "compute_token_weights",
     "TOKEN_WEIGHT_METHODS",
@@ -199,7 +198,7 @@ _POLARITY = {
 
 
 def polarity_advantages(rewards: torch.Tensor, mode: str, lam: float = 0.1, threshold: float = 0.5) -> torch.Tensor:
-    """Zhu et al. (2025) sample-polarity advantages; these REPLACE GRPO advantages.
+    """Zhu et al. (2025) sample-polarity advantages; these REPLACE GRPO advantage.
 
     rewards: (B,); reward >= threshold counts as correct (the trainer passes
     reward.correct_threshold; 0.5 for 0/1 rewards). No baseline, no std.
@@ -218,16 +217,13 @@ def polarity_advantages(rewards: torch.Tensor, mode: str, lam: float = 0.1, thre
     return out
 
 
-# the name the task brief uses; same function
-polarity_weights = polarity_advantages
 
+def sign_mask_advantages(advantage: torch.Tensor, rewards: torch.Tensor, keep: str, threshold: float = 0.5) -> torch.Tensor:
+    """Cancellation-paper control (App. E.1): keep GRPO advantage, mask rows.
 
-def sign_mask_advantages(advantages: torch.Tensor, rewards: torch.Tensor, keep: str, threshold: float = 0.5) -> torch.Tensor:
-    """Cancellation-paper control (App. E.1): keep GRPO advantages, mask rows.
-
-    advantages, rewards: (B,). keep="positive": A+ = A * 1[r = 1];
+    advantage, rewards: (B,). keep="positive": A+ = A * 1[r = 1];
     keep="negative": A- = A * 1[r != 1]. "r = 1" means reward >= threshold.
-    Returns (B,) in advantages' dtype.
+    Returns (B,) in advantage's dtype.
     """
     correct = rewards >= threshold  # (B,)
     if keep == "positive":
@@ -236,7 +232,7 @@ def sign_mask_advantages(advantages: torch.Tensor, rewards: torch.Tensor, keep: 
         sel = ~correct
     else:
         raise ValueError(f"keep must be 'positive' or 'negative', got {keep!r}")
-    return advantages * sel.to(advantages.dtype)  # A * 1[r = 1] (or mirror)
+    return advantage * sel.to(advantage.dtype)  # A * 1[r = 1] (or mirror)
 
 
 # methods that change which rows train (the advantage itself), not token weights
@@ -244,31 +240,31 @@ SAMPLE_POLARITY_METHODS = ("psr", "nsr", "w_reinforce", "positive_only", "negati
 
 
 def training_advantages(
-    method: str, advantages: torch.Tensor, rewards: torch.Tensor, lam: float = 0.1, threshold: float = 0.5
+    method: str, advantage: torch.Tensor, rewards: torch.Tensor, lam: float = 0.1, threshold: float = 0.5
 ) -> torch.Tensor:
     """The advantage that trains each row: (B,) -> (B,).
 
     Sample-polarity methods replace (psr, nsr, w_reinforce) or mask (positive_only,
     negative_only) the group advantage row by row, from the row's reward alone, so
     the result does not depend on how the batch is later cut. The trainer applies
-    this right after the group advantages, before dynamic sampling and the
+    this right after the group advantage, before dynamic sampling and the
     reward-balanced buffer, so both count the signs that actually train (an
     all-correct group under w_reinforce keeps +lam on every row). Every other
-    method returns `advantages` unchanged. Idempotent. A row is correct when its
+    method returns `advantage` unchanged. Idempotent. A row is correct when its
     reward >= threshold (reward.correct_threshold).
     """
     if method in ("psr", "nsr", "w_reinforce"):
-        return polarity_advantages(rewards, method, lam, threshold).to(advantages.dtype)
+        return polarity_advantages(rewards, method, lam, threshold).to(advantage.dtype)
     if method == "positive_only":
-        return sign_mask_advantages(advantages, rewards, "positive", threshold)
+        return sign_mask_advantages(advantage, rewards, "positive", threshold)
     if method == "negative_only":
-        return sign_mask_advantages(advantages, rewards, "negative", threshold)
-    return advantages
+        return sign_mask_advantages(advantage, rewards, "negative", threshold)
+    return advantage
 
 
 # ---------------------------------------------------------------- dispatcher
 
-# Each method: (inputs: dict, params) -> (token_weight | None, advantages, extra stats)
+# Each method: (inputs: dict, params) -> (token_weight | None, advantage, extra stats)
 TOKEN_WEIGHT_METHODS: Registry[Callable] = Registry("token weight method")
 
 
@@ -279,32 +275,60 @@ def _need(inputs: dict, name: str, method: str):
     return v
 
 
-@TOKEN_WEIGHT_METHODS.register("none")
+# method -> its keywords from the run's `token_weights` config section; a new
+# method registers both here (`register_method`) and nothing else changes:
+# config validation, its help text and the trainer read the registry.
+_FROM_CONFIG: dict[str, Callable[[Any], dict[str, Any]]] = {}
+
+
+def register_method(name: str, from_config: Callable[[Any], dict[str, Any]] = lambda tw: {}):
+    """Register a token-weight method `fn(inputs, **params) -> (weight, advantage,
+    stats)` under `name`; `from_config(cfg.token_weights)` gives its params."""
+
+    def deco(fn):
+        TOKEN_WEIGHT_METHODS.register(name)(fn)
+        _FROM_CONFIG[name] = from_config
+        return fn
+
+    return deco
+
+
+def method_params(tw: Any, threshold: float) -> dict[str, Any]:
+    """The keywords `compute_token_weights` gets for the config section `tw`
+    (cfg.token_weights); `threshold` (reward.correct_threshold) goes to every
+    method that takes one."""
+    params = dict(_FROM_CONFIG[tw.method](tw))
+    if "threshold" in inspect.signature(TOKEN_WEIGHT_METHODS.get(tw.method)).parameters:
+        params["threshold"] = threshold
+    return params
+
+
+@register_method("none")
 def _m_none(inp):
-    return None, inp["advantages"], {}
+    return None, inp["advantage"], {}
 
 
-@TOKEN_WEIGHT_METHODS.register("forking")
+@register_method("forking", lambda tw: {"top": tw.top})
 def _m_forking(inp, top: float = 0.2):
-    return forking_mask(_need(inp, "entropy", "forking"), inp["mask"], top), inp["advantages"], {}
+    return forking_mask(_need(inp, "entropy", "forking"), inp["mask"], top), inp["advantage"], {}
 
 
-@TOKEN_WEIGHT_METHODS.register("forking_low")
+@register_method("forking_low", lambda tw: {"bottom": 1.0 - tw.top})
 def _m_forking_low(inp, bottom: float = 0.8):
-    return forking_low_mask(_need(inp, "entropy", "forking_low"), inp["mask"], bottom), inp["advantages"], {}
+    return forking_low_mask(_need(inp, "entropy", "forking_low"), inp["mask"], bottom), inp["advantage"], {}
 
 
-@TOKEN_WEIGHT_METHODS.register("forking_random")
+@register_method("forking_random", lambda tw: {"top": tw.top})
 def _m_forking_random(inp, top: float = 0.2):
     # same count as the forking mask on these rows (ties included)
     ref = forking_mask(_need(inp, "entropy", "forking_random"), inp["mask"], top)
-    return random_token_mask(inp["mask"], ref, inp["generator"]), inp["advantages"], {}
+    return random_token_mask(inp["mask"], ref, inp["generator"]), inp["advantage"], {}
 
 
-@TOKEN_WEIGHT_METHODS.register("entropy_band")
+@register_method("entropy_band", lambda tw: {"lo": tw.band[0], "hi": tw.band[1]})
 def _m_entropy_band(inp, lo: float = 0.0, hi: float = 0.4):
     w = entropy_band_mask(_need(inp, "entropy", "entropy_band"), inp["mask"], lo, hi)
-    return w, inp["advantages"], {}
+    return w, inp["advantage"], {}
 
 
 def _polarity(mode: str):
@@ -321,24 +345,25 @@ def _polarity(mode: str):
     return fn
 
 
-for _mode in ("psr", "nsr", "w_reinforce"):
-    TOKEN_WEIGHT_METHODS.register(_mode)(_polarity(_mode))
+register_method("psr")(_polarity("psr"))
+register_method("nsr")(_polarity("nsr"))
+register_method("w_reinforce", lambda tw: {"lam": tw.lam})(_polarity("w_reinforce"))
 
 
-@TOKEN_WEIGHT_METHODS.register("positive_only")
+@register_method("positive_only")
 def _m_positive_only(inp, threshold: float = 0.5):
-    return None, sign_mask_advantages(inp["advantages"], _need(inp, "rewards", "positive_only"), "positive", threshold), {}
+    return None, sign_mask_advantages(inp["advantage"], _need(inp, "rewards", "positive_only"), "positive", threshold), {}
 
 
-@TOKEN_WEIGHT_METHODS.register("negative_only")
+@register_method("negative_only")
 def _m_negative_only(inp, threshold: float = 0.5):
-    return None, sign_mask_advantages(inp["advantages"], _need(inp, "rewards", "negative_only"), "negative", threshold), {}
+    return None, sign_mask_advantages(inp["advantage"], _need(inp, "rewards", "negative_only"), "negative", threshold), {}
 
 
 _RESRL_PARAMS = ("rank", "max_pos_tokens", "q_low", "q_high", "min_w", "pos_scale", "niter", "svd")
 
 
-@TOKEN_WEIGHT_METHODS.register("resrl")
+@register_method("resrl", lambda tw: {"rank": tw.resrl_rank, "max_pos_tokens": tw.resrl_max_pos_tokens, "pos_scale": tw.resrl_pos_scale})
 def _m_resrl(inp, threshold: float = 0.5, **params):
     bad = sorted(set(params) - set(_RESRL_PARAMS))
     if bad:
@@ -349,7 +374,7 @@ def _m_resrl(inp, threshold: float = 0.5, **params):
     if is_pos is None:
         is_pos = _need(inp, "rewards", "resrl") >= threshold
     w, stats = resrl_weights(hidden, inp["mask"], group_id, is_pos, generator=inp["generator"], **params)
-    return w, inp["advantages"], stats
+    return w, inp["advantage"], stats
 
 
 def _row_mean(w: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> float:
@@ -362,7 +387,7 @@ def compute_token_weights(
     method: str,
     *,
     mask: torch.Tensor,
-    advantages: torch.Tensor,
+    advantage: torch.Tensor,
     entropy: torch.Tensor | None = None,
     rewards: torch.Tensor | None = None,
     group_id: torch.Tensor | None = None,
@@ -376,7 +401,7 @@ def compute_token_weights(
     method: none | forking | forking_low | forking_random | entropy_band | psr |
       nsr | w_reinforce | positive_only | negative_only | resrl (KeyError lists
       them for an unknown name).
-    mask: (B, T) response mask; advantages: (B,); entropy: (B, T); rewards: (B,);
+    mask: (B, T) response mask; advantage: (B,); entropy: (B, T); rewards: (B,);
     group_id: (B,); hidden: (B, T, H) (resrl); is_positive: (B,) bool (resrl;
     default rewards >= threshold); generator: for forking_random / resrl subsampling.
     params: the method's own keywords (forking/forking_random: top=0.2;
@@ -386,9 +411,9 @@ def compute_token_weights(
       threshold=0.5, the reward at or above which a row is correct).
       An unknown keyword is a TypeError.
 
-    Returns (token_weight, advantages, stats):
+    Returns (token_weight, advantage, stats):
       token_weight: (B, T) float32 (0 on padding) or None (= 1 everywhere).
-      advantages: (B,) GRPO advantages unchanged, or replaced (psr, nsr,
+      advantage: (B,) GRPO advantages unchanged, or replaced (psr, nsr,
         w_reinforce) / masked (positive_only, negative_only).
       stats: tw_kept_frac (fraction of valid tokens with weight > 0),
         tw_mean_w_pos / tw_mean_w_neg (mean weight over valid tokens of rows
@@ -398,7 +423,7 @@ def compute_token_weights(
     fn = TOKEN_WEIGHT_METHODS.get(method)
     inputs = dict(
         mask=mask,
-        advantages=advantages,
+        advantage=advantage,
         entropy=entropy,
         rewards=rewards,
         group_id=group_id,

@@ -6,8 +6,8 @@ Try it:
     model, tok = load_model("tiny-random")
 """
 
-from tokencredit.model.forward import forward_tokens, lm_head_inputs, naive_token_logprobs
-from tokencredit.model.load import ALIASES, ModelLoadError, load_model, save_model
+from tokencredit.model.forward import forward_rows, forward_tokens, lm_head_inputs, naive_token_logprobs
+from tokencredit.model.load import ALIASES, ModelLoadError, load_model, resolve_device, save_model
 from tokencredit.model.tiny import build_tiny, build_tiny_tokenizer
 
 __all__ = [
@@ -15,9 +15,11 @@ __all__ = [
     "ModelLoadError",
     "build_tiny",
     "build_tiny_tokenizer",
+    "forward_rows",
     "forward_tokens",
     "lm_head_inputs",
     "load_model",
     "naive_token_logprobs",
+    "resolve_device",
     "save_model",
 ]

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tokencredit.batch import RolloutBatch
 
-__all__ = ["forward_tokens", "lm_head_inputs", "naive_token_logprobs"]
+__all__ = ["forward_rows", "forward_tokens", "lm_head_inputs", "naive_token_logprobs"]
 
 
 # ----------------------------------------------------------------- public API
@@ -108,6 +108,51 @@ def forward_tokens(
         hm = h_mid[b_idx, pos].detach().float()  # [N, H]
         out["hidden"] = torch.zeros(B, T, hm.shape[-1], dtype=torch.float32, device=dev).index_put(idx, hm)
     return out
+
+
+@torch.no_grad()
+def forward_rows(
+    model,
+    batch: RolloutBatch,
+    *,
+    micro_rows: int,
+    temperature: float = 1.0,
+    chunk_tokens: int = 2048,
+    with_entropy: bool = True,
+    with_hidden: bool = False,
+) -> dict[str, torch.Tensor]:
+    """`forward_tokens` over `batch` in micro-batches of `micro_rows` rows, no grad,
+    in eval mode (the model's mode is restored afterwards): the one no-grad
+    per-token forward of the trainer and the probes.
+
+    Returns CPU tensors on the batch's own `[B, T]` grid (0 on padding):
+    "logprob" [B, T], "entropy" [B, T] (with_entropy), "hidden" [B, T, H]
+    (with_hidden). Each micro-batch is trimmed to its longest row, so the
+    result does not depend on how rows are grouped beyond float rounding of
+    the decoder on different padding.
+    """
+    if micro_rows < 1:
+        raise ValueError(f"micro_rows must be >= 1, got {micro_rows}")
+    B, T = batch.response_ids.shape
+    dev = _device(model)
+    was = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    try:
+        for s in range(0, B, micro_rows):
+            sub = batch.select(range(s, min(B, s + micro_rows))).to(dev)
+            out = forward_tokens(model, sub, temperature=temperature, chunk_tokens=chunk_tokens,
+                                 with_entropy=with_entropy, with_hidden=with_hidden)
+            for k, v in out.items():
+                pad = torch.zeros((v.shape[0], T) + tuple(v.shape[2:]), dtype=v.dtype)  # [b, T(, H)]
+                pad[:, : v.shape[1]] = v.cpu()
+                parts.setdefault(k, []).append(pad)
+    finally:
+        model.train(was)
+    if not parts:  # no rows
+        keys = ["logprob"] + (["entropy"] if with_entropy else [])
+        return {k: torch.zeros(0, T) for k in keys}
+    return {k: torch.cat(v, 0) for k, v in parts.items()}
 
 
 @torch.no_grad()

@@ -286,3 +286,10 @@ def _one_line(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     first = msg[0] if msg else ""
     return f"{type(e).__name__}: {first}"[:400]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`model.device` / `--device`: "auto" = cuda when available, else cpu; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

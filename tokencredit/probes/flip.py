@@ -7,7 +7,7 @@ otherwise (eps = 1e-6). Fractions and mean |d| are reported separately for rows
 with A > 0, A < 0, and all rows. The probe reads the model; it never changes it.
 
 Try it:
-    stats = flip_stats(delta, advantages, mask, eps=1e-6)
+    stats = flip_stats(delta, advantage, mask, eps=1e-6)
     stats["flip_pos_boosted"], stats["flip_neg_boosted"]
 """
 
@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 
 
-def flip_stats(delta: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> dict[str, float]:
+def flip_stats(delta: torch.Tensor, advantage: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> dict[str, float]:
     """Boosted / suppressed / stable fractions and mean |d|.
 
     Args:
         delta: [B, T] l_after - l_before per response token.
-        advantages: [B] row advantage (its sign picks the subset).
+        advantage: [B] row advantage (its sign picks the subset).
         mask: [B, T] valid response tokens.
     Returns:
         {"flip_{pos,neg,all}_{boosted,suppressed,stable,mean_abs,tokens}": float}
@@ -30,8 +30,8 @@ def flip_stats(delta: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
     m = mask.bool()
     out: dict[str, float] = {}
     subsets = {
-        "pos": (advantages > 0)[:, None] & m,
-        "neg": (advantages < 0)[:, None] & m,
+        "pos": (advantage > 0)[:, None] & m,
+        "neg": (advantage < 0)[:, None] & m,
         "all": m,
     }
     for name, sel in subsets.items():
@@ -51,7 +51,7 @@ def flip_stats(delta: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
 
 def flip_records(
     delta: torch.Tensor,
-    advantages: torch.Tensor,
+    advantage: torch.Tensor,
     mask: torch.Tensor,
     token_ids: torch.Tensor,
     entropy: torch.Tensor | None,
@@ -77,7 +77,7 @@ def flip_records(
         "position": pos.tolist(),
         "token_id": token_ids[rows, pos].tolist(),
         "delta": delta[rows, pos].tolist(),
-        "advantage": advantages[rows].tolist(),
+        "advantage": advantage[rows].tolist(),
         "entropy": entropy[rows, pos].tolist() if entropy is not None else [float("nan")] * int(rows.numel()),
         "old_prob": old_logprob[rows, pos].exp().tolist(),
     }
