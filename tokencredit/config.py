@@ -18,6 +18,10 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# the registries behind `rollout.backend` and `token_weights.method`: validation and help list what they hold
+from tokencredit.algo.token_weights import TOKEN_WEIGHT_METHODS
+from tokencredit.rollout.backends import ROLLOUT_BACKENDS
+
 
 class ConfigError(ValueError):
     """A bad config file, key or value. The message is meant for the user as is."""
@@ -61,7 +65,7 @@ class DataConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    backend: Literal["hf"] = Field("hf", description="Generation engine: 'hf' (transformers.generate). vLLM arrives with its own issue.")
+    backend: str = Field("hf", description="Rollout backend, a name registered in tokencredit/rollout/backends.py ROLLOUT_BACKENDS (registered: " + ", ".join(ROLLOUT_BACKENDS.names()) + "). hf = transformers.generate on the policy module itself.")
     prompts_per_step: int = Field(4, gt=0, description="Prompts per rollout step (paper: 128).")
     n: int = Field(8, gt=0, description="Responses per prompt, the group size G (paper: 8).")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (paper: 1.0). Log-probs and entropies in training use the same temperature. 0 = greedy.")
@@ -128,7 +132,7 @@ class BatchingConfig(_Section):
 
 
 class TokenWeightsConfig(_Section):
-    method: str = Field("none", description="Per-token weighting (docs/token_weights.md): none | forking (top-entropy tokens, 80/20 paper) | forking_low (bottom 1-top, control) | forking_random (same count at random, control) | entropy_band | psr | nsr | w_reinforce (Zhu et al. advantages) | positive_only | negative_only (GRPO advantages masked by sign) | resrl.")
+    method: str = Field("none", description="Per-token weighting, a method registered in tokencredit/algo/token_weights.py (registered: " + ", ".join(TOKEN_WEIGHT_METHODS.names()) + "). forking = top-entropy tokens (80/20 paper); forking_low / forking_random = its controls; psr / nsr / w_reinforce = Zhu et al. advantages; positive_only / negative_only = GRPO advantages masked by sign; resrl = ResRL projection residuals. docs/token_weights.md.")
     top: float = Field(0.2, gt=0.0, le=1.0, description="Forking: kept top fraction by entropy (80/20 paper: 0.2).")
     band: tuple[float, float] = Field((0.0, 0.4), description="entropy_band: keep tokens ranked between the top-lo and top-hi entropy fractions; (0, 0.4) = top 40%, where the cancellation paper's value gap peaks (Fig. 5b).")
     lam: float = Field(0.1, ge=0.0, description="W-REINFORCE weight of positive samples.")
@@ -247,8 +251,8 @@ class Config(_Section):
 
         if self.batching.planner not in PLANNERS:
             raise ValueError(f"batching.planner {self.batching.planner!r} is unknown; valid: {', '.join(PLANNERS.names())}")
-        from tokencredit.algo.token_weights import TOKEN_WEIGHT_METHODS
-
+        if self.rollout.backend not in ROLLOUT_BACKENDS:
+            raise ValueError(f"rollout.backend {self.rollout.backend!r} is unknown; valid: {', '.join(ROLLOUT_BACKENDS.names())}")
         if self.token_weights.method not in TOKEN_WEIGHT_METHODS:
             raise ValueError(f"token_weights.method {self.token_weights.method!r} is unknown; valid: {', '.join(TOKEN_WEIGHT_METHODS.names())}")
         if self.eval.k is not None and self.eval.k > self.eval.n:

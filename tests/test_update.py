@@ -1,0 +1,131 @@
+"""The one optimizer step (tokencredit/update.py) and the one no-grad row forward
+(model/forward.py forward_rows): the same gradient however the rows are cut, an
+outside normaliser, the ratio-weight seam, and forward_rows against forward_tokens."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tokencredit.algo.losses import loss_mask, normaliser, policy_loss
+from tokencredit.batch import RolloutBatch
+from tokencredit.model.forward import forward_rows, forward_tokens
+from tokencredit.model.tiny import build_tiny
+from tokencredit.update import LossSpec, loss_normaliser, micro_batches, optimizer_step
+
+
+def _batch(B: int = 6, P: int = 4, T: int = 7, seed: int = 0) -> RolloutBatch:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, T + 1, (B,), generator=g)
+    lens[0] = T
+    mask = (torch.arange(T)[None, :] < lens[:, None]).float()  # [B, T]
+    b = RolloutBatch(
+        prompt_ids=torch.randint(3, 60, (B, P), generator=g), prompt_mask=torch.ones(B, P, dtype=torch.long),
+        response_ids=torch.randint(3, 60, (B, T), generator=g) * mask.long(), response_mask=mask,
+        group_id=torch.arange(B) // 2, advantage=torch.randn(B, generator=g),
+    )
+    b.token_weight = (torch.rand(B, T, generator=g) > 0.4).float() * mask
+    return b
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    return build_tiny(seed=5, hidden=32, layers=2, heads=4, tie=False)[0]
+
+
+def _grads(model, batch, micro_rows, spec, **kw):
+    """Gradients after one optimizer_step with SGD lr 0 (weights unchanged, grads kept)."""
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0)
+    st = optimizer_step(m, opt, micro_batches(batch, micro_rows), spec, grad_clip=None, **kw)
+    return [p.grad.clone() for p in m.parameters() if p.grad is not None], st
+
+
+def _with_old(model, batch):
+    batch.old_logprob = forward_rows(model, batch, micro_rows=64, with_entropy=False)["logprob"] - 0.05  # ratio != 1
+    return batch
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("denominator", ["all", "kept"])
+def test_same_gradient_however_the_rows_are_cut(tiny, agg, denominator):
+    b = _with_old(tiny, _batch())
+    spec = LossSpec(agg=agg, denominator=denominator)
+    ref, st = _grads(tiny, b, 6, spec)
+    assert len(st["pg_loss"]) == 1
+    for micro in (1, 4):
+        g, st = _grads(tiny, b, micro, spec)
+        assert len(st["pg_loss"]) == -(-6 // micro)
+        for a, c in zip(ref, g):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+
+
+def test_outside_normaliser_scales_the_gradient(tiny):
+    """Data parallelism passes the all-ranks count: twice the local N halves the gradient."""
+    b = _with_old(tiny, _batch())
+    spec = LossSpec()
+    n = loss_normaliser(micro_batches(b, 2), spec)
+    assert n == normaliser(loss_mask(b.response_mask, b.token_weight, "all"), "token-mean") == float(b.response_mask.sum())
+    ref, _ = _grads(tiny, b, 2, spec)
+    half, _ = _grads(tiny, b, 3, spec, normaliser=2 * n)
+    for a, c in zip(ref, half):
+        torch.testing.assert_close(a / 2, c, rtol=1e-5, atol=1e-8)
+
+
+def test_ratio_weight_multiplies_the_clipped_term():
+    """Hand-computed: rho = 1, A = 2, weights (1, 0.5), token-mean over 2 tokens:
+    loss = -(2*1*1 + 2*1*0.5) / 2 = -1.5; ones give exactly the unweighted loss."""
+    lp = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    old, adv, mask = torch.zeros(1, 2, dtype=torch.float64), torch.tensor([2.0], dtype=torch.float64), torch.ones(1, 2)
+    loss, _ = policy_loss(lp, old, adv, mask, ratio_weight=torch.tensor([[1.0, 0.5]]))
+    assert loss.item() == pytest.approx(-1.5)
+    loss.backward()
+    assert torch.allclose(lp.grad, torch.tensor([[-1.0, -0.5]], dtype=torch.float64))  # d/dl of -A w rho / 2
+    plain, _ = policy_loss(lp.detach(), old, adv, mask)
+    ones, _ = policy_loss(lp.detach(), old, adv, mask, ratio_weight=torch.ones(1, 2))
+    assert plain.item() == ones.item()
+
+
+def test_ratio_weight_reaches_the_optimizer_step(tiny):
+    b = _with_old(tiny, _batch())
+    spec = LossSpec(denominator="all")
+    ref, _ = _grads(tiny, b, 3, spec)
+    b.ratio_weight = torch.full_like(b.response_mask, 0.25)
+    quarter, _ = _grads(tiny, b, 2, spec)
+    for a, c in zip(ref, quarter):
+        torch.testing.assert_close(a / 4, c, rtol=1e-5, atol=1e-8)
+
+
+def test_kl_needs_a_reference_and_is_reported(tiny):
+    b = _with_old(tiny, _batch())
+    with pytest.raises(ValueError, match="ref_model"):
+        _grads(tiny, b, 3, LossSpec(kl_coef=0.1))
+    _, st = _grads(tiny, b, 3, LossSpec(kl_coef=0.1), ref_model=copy.deepcopy(tiny))
+    assert len(st["kl"]) == 2 and all(k >= 0 for k in st["kl"])  # k3 is non-negative
+
+
+def test_forward_rows_equals_one_forward_and_restores_the_mode(tiny):
+    b = _batch()
+    tiny.train()
+    out = forward_rows(tiny, b, micro_rows=4, temperature=0.7, with_hidden=True)
+    assert tiny.training  # mode restored
+    tiny.eval()
+    with torch.no_grad():
+        full = forward_tokens(tiny, b, temperature=0.7, with_hidden=True)
+    assert set(out) == {"logprob", "entropy", "hidden"} and out["hidden"].shape[:2] == b.response_ids.shape
+    for k in out:
+        torch.testing.assert_close(out[k], full[k], rtol=1e-5, atol=1e-6)
+    assert (out["logprob"][b.response_mask == 0] == 0).all()
+    with pytest.raises(ValueError, match="micro_rows"):
+        forward_rows(tiny, b, micro_rows=0)
+
+
+def test_loss_spec_from_config():
+    from tokencredit.config import load_config
+
+    cfg = load_config(None, ["algo.clip_high=0.3", "algo.loss_agg=seq-mean-token-sum", "token_weights.denominator=kept", "algo.kl_coef=0.2"])
+    s = LossSpec.from_config(cfg)
+    assert (s.clip_high, s.agg, s.denominator, s.kl_coef) == (0.3, "seq-mean-token-sum", "kept", 0.2)
