@@ -16,7 +16,7 @@ Registered by name in `PLANNERS`; the trainer picks one via `batching.planner`.
 advantage sums, N+/N- per mini-batch, groups split across optimizer steps).
 
 `RewardBalancedBuffer` holds rollout rows across rollout steps and releases the
-largest update set B with min(N+(B), N-(B)) >= tau * |B| (RB), freshest first. Its selection rule,
+largest update set B with min(N+[B], N-[B]) >= tau * |B| (RB), freshest first. Its selection rule,
 maximum age and never-balancing behaviour are this package's design (the paper
 publishes no code); see its docstring and docs/batching.md.
 
@@ -273,7 +273,7 @@ def select_balanced(pos, neg, age, max_rows: int, tau: float) -> list[int]:
     versions (0 = sampled by the current policy). Zero-advantage rows are not units'
     rows (the buffer drops them). Returns the sorted unit indices of a set B with
 
-        min(N+(B), N-(B)) >= tau * |B|,   1 <= |B| <= max_rows   (paper Sec. 4, RB)
+        min(N+[B], N-[B]) >= tau * |B|,   1 <= |B| <= max_rows   (paper Sec. 4, RB)
 
     that (1) maximises |B| = N+ + N-, then (2) minimises the total row age
     sum_{u in B} (pos_u + neg_u) * age_u; remaining ties go to fewer units of later
@@ -339,7 +339,7 @@ def select_balanced(pos, neg, age, max_rows: int, tau: float) -> list[int]:
     ok &= M == m_best
     c_best = int(cost[ok].min())
     ok &= cost == c_best
-    cand = np.argwhere(ok)  # rows (P, N), sorted: the most balanced, then fewer positives
+    cand = np.argwhere(ok)  # rows [P, N], sorted: the most balanced, then fewer positives
     cand = sorted(cand.tolist(), key=lambda x: (abs(x[0] - x[1]), x[0]))
     p_cur, n_cur = cand[0]
     out: list[int] = []
@@ -354,7 +354,7 @@ def select_balanced(pos, neg, age, max_rows: int, tau: float) -> list[int]:
 class RewardBalancedBuffer:
     """Reward-balanced batching (cancellation-hypothesis Sec. 4, RB): rollout rows
     accumulate across rollout steps, and an update set B is released only when
-        min(N+(B), N-(B)) >= tau * |B|.
+        min(N+[B], N-[B]) >= tau * |B|.
 
     The buffer *defers* an update until it is balanced; it is not there to shrink or
     age it (METHODS.md section 2). Design (ours; the paper publishes no code):
@@ -488,7 +488,7 @@ class RewardBalancedBuffer:
             neg = torch.bincount(inv, weights=(sign < 0).double(), minlength=U)[order].long()
             version = torch.full((U,), 2**62, dtype=torch.long).scatter_reduce(
                 0, inv, self._rows.policy_version.cpu(), "amin")[order]
-            # min(N+(B), N-(B)) >= tau |B|, |B| <= update_rows  (cancellation-hypothesis Sec. 4)
+            # min(N+[B], N-[B]) >= tau |B|, |B| <= update_rows  (cancellation-hypothesis Sec. 4)
             pick = select_balanced(pos, neg, now - version, self.update_rows, self.tau)
             if pick:
                 rank = torch.empty(U, dtype=torch.long)

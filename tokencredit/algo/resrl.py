@@ -67,7 +67,7 @@ def positive_subspace(
 ) -> torch.Tensor:
     """Orthonormal basis of the top principal directions of centred positives.
 
-    centred: (M, H) float32, rows already centred (mean 0 over M).
+    centred: [M, H] float32, rows already centred (mean 0 over M).
     Returns V_k: (H, k') with k' <= k = min(rank, M - 1, H); k' < k only when the
     numerical rank guard drops directions with singular value < 1e-5 * s_max.
 
@@ -121,14 +121,14 @@ def resrl_weights(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """ResRL per-token weights (METHODS.md section 4).
 
-    hidden:      (B, T, H) hidden states (second-to-last layer) at the positions
+    hidden:      [B, T, H] hidden states (second-to-last layer) at the positions
                  that predict each response token; detached, any float dtype.
-    mask:        (B, T) response mask, > 0 = real sampled token.
-    group_id:   (B,) rows of one prompt share an id.
-    is_positive: (B,) bool, row counted as a positive (correct) response.
+    mask:        [B, T] response mask, > 0 = real sampled token.
+    group_id:   [B] rows of one prompt share an id.
+    is_positive: [B] bool, row counted as a positive (correct) response.
 
     Returns (weights, stats):
-      weights: (B, T) float32 on hidden.device, to multiply the advantage per
+      weights: [B, T] float32 on hidden.device, to multiply the advantage per
         token. Negative rows of processed groups: w in [min_w, 1]; positive rows
         of processed groups: pos_scale; rows of skipped groups: 1; padding: 0.
       stats: resrl_groups (groups processed), resrl_groups_skipped,
@@ -150,16 +150,16 @@ def resrl_weights(
         raise ValueError(f"need 0 <= q_low <= q_high <= 1, got {q_low}, {q_high}")
 
     device = hidden.device
-    valid = mask.to(device) > 0  # (B, T) bool
-    is_pos = is_positive.to(device=device, dtype=torch.bool)  # (B,)
-    gids = group_id.to(device)  # (B,)
-    weights = valid.to(torch.float32)  # (B, T): 1 on valid tokens, 0 on padding
+    valid = mask.to(device) > 0  # [B, T] bool
+    is_pos = is_positive.to(device=device, dtype=torch.bool)  # [B]
+    gids = group_id.to(device)  # [B]
+    weights = valid.to(torch.float32)  # [B, T]: 1 on valid tokens, 0 on padding
 
     n_done, n_skipped = 0, 0
     neg_w_sum, neg_w_cnt = 0.0, 0
     for g in torch.unique(gids):
-        rows = gids == g  # (B,)
-        pos_rows, neg_rows = rows & is_pos, rows & ~is_pos  # (B,), (B,)
+        rows = gids == g  # [B]
+        pos_rows, neg_rows = rows & is_pos, rows & ~is_pos  # [B], [B]
         if not pos_rows.any() or not neg_rows.any():
             n_skipped += 1
             continue
@@ -173,21 +173,21 @@ def resrl_weights(
             # uniform subsample without replacement
             gen_dev = generator.device if generator is not None else torch.device("cpu")
             idx = torch.randperm(M0, generator=generator, device=gen_dev)[:max_pos_tokens]
-            P = P[idx.to(device)]  # (M, H)
+            P = P[idx.to(device)]  # [M, H]
 
         # LN without affine, then centre by the positive mean
-        Pn = F.layer_norm(P, (H,), eps=_LN_EPS)  # (M, H) LN(h), no affine
+        Pn = F.layer_norm(P, (H,), eps=_LN_EPS)  # [M, H] LN(h), no affine
         mu = Pn.mean(dim=0, keepdim=True)  # (1, H) positive mean
         V = positive_subspace(Pn - mu, rank, niter=niter, svd=svd, generator=generator)  # (H, k)
 
         # negative tokens: x = LN(h) - mu, e = x - V V^T x, d = ||e||^2 / H
-        neg_valid = valid & neg_rows[:, None]  # (B, T)
+        neg_valid = valid & neg_rows[:, None]  # [B, T]
         if not neg_valid.any():  # negative rows without a single valid token
             n_skipped += 1
             continue
-        X = F.layer_norm(hidden[neg_valid].to(torch.float32), (H,), eps=_LN_EPS) - mu  # (N, H)
-        E = X - (X @ V) @ V.T  # (N, H) residual off the positive subspace
-        d = (E * E).sum(dim=-1) / H  # (N,)
+        X = F.layer_norm(hidden[neg_valid].to(torch.float32), (H,), eps=_LN_EPS) - mu  # [N, H]
+        E = X - (X @ V) @ V.T  # [N, H] residual off the positive subspace
+        d = (E * E).sum(dim=-1) / H  # [N]
 
         # lo = quantile(d, q_low), hi = quantile(d, q_high), linear interpolation
         lo = torch.quantile(d, q_low)

@@ -17,7 +17,7 @@ Methods, each a pure function (tensors in, tensors out, masks everywhere):
 - ResRL (tokencredit/algo/resrl.py).
 
 `compute_token_weights` dispatches by name and returns
-`(token_weight (B, T) | None, advantages (B,), stats)`; the trainer multiplies
+`(token_weight [B, T] | None, advantage [B], stats)`; the trainer multiplies
 A by token_weight inside the clipped surrogate.
 
 Deliberate simplifications / choices:
@@ -77,14 +77,14 @@ def _check_frac(name: str, frac: float) -> None:
 def _check_shapes(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if entropy.shape != mask.shape:
         raise ValueError(f"entropy {tuple(entropy.shape)} and mask {tuple(mask.shape)} must have the same shape")
-    return mask > 0  # (B, T) bool valid tokens
+    return mask > 0  # [B, T] bool valid tokens
 
 
 def forking_mask(entropy: torch.Tensor, mask: torch.Tensor, top: float = 0.2) -> torch.Tensor:
     """Forking-token mask: entropy in the top `top` fraction of the valid tokens.
 
-    entropy: (B, T) float; mask: (B, T), > 0 = valid token.
-    Returns (B, T) float in {0, 1}.
+    entropy: [B, T] float; mask: [B, T], > 0 = valid token.
+    Returns [B, T] float in {0, 1}.
 
     threshold tau = the k-th largest valid entropy, k = max(1, ceil(top * N_valid));
     keep valid tokens with H >= tau. Ties at tau are all kept, so the kept count is
@@ -98,7 +98,7 @@ def forking_mask(entropy: torch.Tensor, mask: torch.Tensor, top: float = 0.2) ->
 def forking_low_mask(entropy: torch.Tensor, mask: torch.Tensor, bottom: float = 0.8) -> torch.Tensor:
     """Low-entropy control: entropy in the bottom `bottom` fraction of valid tokens.
 
-    entropy, mask: (B, T). Returns (B, T) float in {0, 1}.
+    entropy, mask: [B, T]. Returns [B, T] float in {0, 1}.
 
     The mirror of `forking_mask`: tau = the k-th smallest valid entropy,
     k = max(1, ceil(bottom * N_valid)); keep valid tokens with H <= tau (ties kept).
@@ -113,7 +113,7 @@ def forking_low_mask(entropy: torch.Tensor, mask: torch.Tensor, bottom: float = 
 def _rank_threshold_mask(entropy: torch.Tensor, mask: torch.Tensor, frac: float, largest: bool) -> torch.Tensor:
     """Valid tokens at or beyond the k-th largest (largest=True: H >= tau) or k-th
     smallest (H <= tau) valid entropy, k = max(1, ceil(frac * N_valid)); ties kept.
-    (B, T) float in {0, 1}; all zeros when no token is valid."""
+    [B, T] float in {0, 1}; all zeros when no token is valid."""
     valid = _check_shapes(entropy, mask)
     out = torch.zeros(entropy.shape, dtype=torch.float32, device=entropy.device)
     vals = entropy[valid].float()  # (N_valid,)
@@ -135,12 +135,12 @@ def random_token_mask(
 ) -> torch.Tensor:
     """Random control: `count` valid tokens drawn uniformly without replacement.
 
-    mask: (B, T), > 0 = valid. count_like: an int, or a (B, T) mask whose number
+    mask: [B, T], > 0 = valid. count_like: an int, or a [B, T] mask whose number
     of selected valid tokens (> 0 and valid) sets the count, e.g. a forking mask.
     generator: torch.Generator for the draw (on CPU or on mask's device).
-    Returns (B, T) float in {0, 1} with exactly `count` ones, all on valid tokens.
+    Returns [B, T] float in {0, 1} with exactly `count` ones, all on valid tokens.
     """
-    valid = mask > 0  # (B, T)
+    valid = mask > 0  # [B, T]
     n = int(valid.sum())
     if isinstance(count_like, torch.Tensor):
         if count_like.shape != mask.shape:
@@ -160,7 +160,7 @@ def random_token_mask(
 
 
 def _top_fraction(entropy: torch.Tensor, mask: torch.Tensor, frac: float) -> torch.Tensor:
-    """forking_mask extended to frac = 0 (empty set). (B, T) float."""
+    """forking_mask extended to frac = 0 (empty set). [B, T] float."""
     if frac <= 0.0:
         return torch.zeros(entropy.shape, dtype=torch.float32, device=entropy.device)
     return forking_mask(entropy, mask, frac)
@@ -170,7 +170,7 @@ def entropy_band_mask(entropy: torch.Tensor, mask: torch.Tensor, lo: float, hi: 
     """Entropy band in "top fraction" coordinates: the tokens in the top `hi`
     fraction but not in the top `lo` fraction of the valid tokens by entropy.
 
-    entropy, mask: (B, T). 0 <= lo < hi <= 1. Returns (B, T) float in {0, 1}.
+    entropy, mask: [B, T]. 0 <= lo < hi <= 1. Returns [B, T] float in {0, 1}.
 
     Coordinate 0 is the highest entropy: band (0, 0.2) == forking_mask(top=0.2),
     (0.2, 0.4) is the next 20%, and bands (0, a), (a, b), (b, 1) partition the
@@ -182,8 +182,8 @@ def entropy_band_mask(entropy: torch.Tensor, mask: torch.Tensor, lo: float, hi: 
     if not (0.0 <= lo < hi <= 1.0):
         raise ValueError(f"need 0 <= lo < hi <= 1, got lo={lo}, hi={hi}")
     _check_shapes(entropy, mask)
-    upper = _top_fraction(entropy, mask, hi)  # (B, T)
-    inner = _top_fraction(entropy, mask, lo)  # (B, T)
+    upper = _top_fraction(entropy, mask, hi)  # [B, T]
+    inner = _top_fraction(entropy, mask, lo)  # [B, T]
     return upper * (1.0 - inner)
 
 
@@ -200,18 +200,18 @@ _POLARITY = {
 def polarity_advantages(rewards: torch.Tensor, mode: str, lam: float = 0.1, threshold: float = 0.5) -> torch.Tensor:
     """Zhu et al. (2025) sample-polarity advantages; these REPLACE GRPO advantage.
 
-    rewards: (B,); reward >= threshold counts as correct (the trainer passes
+    rewards: [B]; reward >= threshold counts as correct (the trainer passes
     reward.correct_threshold; 0.5 for 0/1 rewards). No baseline, no std.
       psr:         A = +1 correct, 0 incorrect
       nsr:         A =  0 correct, -1 incorrect
       w_reinforce: A = +lam correct, -1 incorrect (lam = 0.1)
-    Returns (B,) float32.
+    Returns [B] float32.
     """
     if mode not in _POLARITY:
         raise ValueError(f"unknown polarity mode {mode!r}; valid: {', '.join(sorted(_POLARITY))}")
     a_pos, a_neg = _POLARITY[mode]
     a_pos = lam if a_pos == "lam" else a_pos
-    correct = rewards >= threshold  # (B,)
+    correct = rewards >= threshold  # [B]
     out = torch.full(rewards.shape, float(a_neg), dtype=torch.float32, device=rewards.device)
     out[correct] = float(a_pos)
     return out
@@ -221,11 +221,11 @@ def polarity_advantages(rewards: torch.Tensor, mode: str, lam: float = 0.1, thre
 def sign_mask_advantages(advantage: torch.Tensor, rewards: torch.Tensor, keep: str, threshold: float = 0.5) -> torch.Tensor:
     """Cancellation-paper control (App. E.1): keep GRPO advantage, mask rows.
 
-    advantage, rewards: (B,). keep="positive": A+ = A * 1[r = 1];
+    advantage, rewards: [B]. keep="positive": A+ = A * 1[r = 1];
     keep="negative": A- = A * 1[r != 1]. "r = 1" means reward >= threshold.
-    Returns (B,) in advantage's dtype.
+    Returns [B] in advantage's dtype.
     """
-    correct = rewards >= threshold  # (B,)
+    correct = rewards >= threshold  # [B]
     if keep == "positive":
         sel = correct
     elif keep == "negative":
@@ -242,7 +242,7 @@ SAMPLE_POLARITY_METHODS = ("psr", "nsr", "w_reinforce", "positive_only", "negati
 def training_advantages(
     method: str, advantage: torch.Tensor, rewards: torch.Tensor, lam: float = 0.1, threshold: float = 0.5
 ) -> torch.Tensor:
-    """The advantage that trains each row: (B,) -> (B,).
+    """The advantage that trains each row: [B] -> [B].
 
     Sample-polarity methods replace (psr, nsr, w_reinforce) or mask (positive_only,
     negative_only) the group advantage row by row, from the row's reward alone, so
@@ -378,7 +378,7 @@ def _m_resrl(inp, threshold: float = 0.5, **params):
 
 
 def _row_mean(w: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> float:
-    sel = valid & rows[:, None]  # (B, T)
+    sel = valid & rows[:, None]  # [B, T]
     n = int(sel.sum())
     return float(w[sel].sum()) / n if n else float("nan")
 
@@ -401,8 +401,8 @@ def compute_token_weights(
     method: none | forking | forking_low | forking_random | entropy_band | psr |
       nsr | w_reinforce | positive_only | negative_only | resrl (KeyError lists
       them for an unknown name).
-    mask: (B, T) response mask; advantage: (B,); entropy: (B, T); rewards: (B,);
-    group_id: (B,); hidden: (B, T, H) (resrl); is_positive: (B,) bool (resrl;
+    mask: [B, T] response mask; advantage: [B]; entropy: [B, T]; rewards: [B];
+    group_id: [B]; hidden: [B, T, H] (resrl); is_positive: [B] bool (resrl;
     default rewards >= threshold); generator: for forking_random / resrl subsampling.
     params: the method's own keywords (forking/forking_random: top=0.2;
       forking_low: bottom=0.8; entropy_band: lo=0.0, hi=0.4; w_reinforce: lam=0.1;
@@ -412,8 +412,8 @@ def compute_token_weights(
       An unknown keyword is a TypeError.
 
     Returns (token_weight, advantage, stats):
-      token_weight: (B, T) float32 (0 on padding) or None (= 1 everywhere).
-      advantage: (B,) GRPO advantages unchanged, or replaced (psr, nsr,
+      token_weight: [B, T] float32 (0 on padding) or None (= 1 everywhere).
+      advantage: [B] GRPO advantages unchanged, or replaced (psr, nsr,
         w_reinforce) / masked (positive_only, negative_only).
       stats: tw_kept_frac (fraction of valid tokens with weight > 0),
         tw_mean_w_pos / tw_mean_w_neg (mean weight over valid tokens of rows
@@ -441,8 +441,8 @@ def compute_token_weights(
             )
     weight, adv, extra = fn(inputs, **params)
 
-    valid = mask > 0  # (B, T)
-    w = weight if weight is not None else valid.to(torch.float32)  # (B, T)
+    valid = mask > 0  # [B, T]
+    w = weight if weight is not None else valid.to(torch.float32)  # [B, T]
     n_valid = int(valid.sum())
     stats = {
         "tw_kept_frac": float(((w > 0) & valid).sum()) / n_valid if n_valid else float("nan"),

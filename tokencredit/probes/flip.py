@@ -56,11 +56,12 @@ def flip_records(
     token_ids: torch.Tensor,
     entropy: torch.Tensor | None,
     old_logprob: torch.Tensor,
-    step: int,
+    policy_version: int,
     group_id: torch.Tensor | None = None,
     prompt_index: torch.Tensor | None = None,
 ) -> dict[str, list]:
-    """Per-token records (columns) for parquet: step, row, position, token_id,
+    """Per-token records (columns) for parquet: policy_version (of the policy after
+    the update), row, position, token_id,
     delta, advantage, entropy, old_prob, and when given group_id / prompt_index
     ([B] per row: the row's group and the index of its prompt in the training
     data, which stays valid when the reward-balanced buffer mixes rollout steps).
@@ -72,7 +73,7 @@ def flip_records(
     if prompt_index is not None:
         extra["prompt_index"] = prompt_index[rows].tolist()
     return extra | {
-        "step": [step] * int(rows.numel()),
+        "policy_version": [policy_version] * int(rows.numel()),
         "row": rows.tolist(),
         "position": pos.tolist(),
         "token_id": token_ids[rows, pos].tolist(),
