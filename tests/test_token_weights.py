@@ -278,7 +278,7 @@ def test_dispatcher_errors():
 def test_dispatcher_resrl_uses_rewards_and_keeps_advantages():
     inp = _inputs()
     w, adv, stats = compute_token_weights("resrl", **inp)
-    assert torch.equal(adv, inp["advantages"])
+    assert torch.equal(adv, inp["advantage"])
     assert stats["resrl_groups"] == 2.0 and stats["resrl_groups_skipped"] == 0.0
     assert torch.allclose(w[0], torch.full((6,), 0.1)) and torch.allclose(w[2], torch.full((6,), 0.1))
     assert torch.all((w[1] >= 0.1 - 1e-6) & (w[1] <= 1.0))

@@ -127,6 +127,7 @@ def test_dynamic_sampling_keeps_only_groups_with_signal(digits_file, tmp_path):
 def test_w_reinforce_buffer_keeps_all_equal_groups(digits_file, tmp_path):
     """The buffer sees the advantage that trains: an all-correct group has +lam on every row."""
     from tokencredit.algo.token_weights import training_advantages
+    from tokencredit.rollout.step import groups_all_equal
     from tokencredit.trainer import build_buffer
 
     cfg = load_config(None, tiny_overrides(digits_file, tmp_path, **{"output.run_name": "wr", **RB_QB,
@@ -136,7 +137,7 @@ def test_w_reinforce_buffer_keeps_all_equal_groups(digits_file, tmp_path):
     assert torch.equal(batch.advantage, training_advantages("w_reinforce", batch.advantage, batch.reward, 0.1))
     expect = torch.where(batch.reward > 0.5, torch.tensor(0.1), torch.tensor(-1.0))
     assert torch.equal(batch.advantage, expect)
-    assert tr._groups_all_equal(batch) > 0, "precondition: an all-equal group (GRPO A = 0 there)"
+    assert groups_all_equal(batch) > 0, "precondition: an all-equal group (GRPO A = 0 there)"
     buf = build_buffer(cfg)
     buf.add(batch, 0)
     _, s = buf.pop_update_set(0)

@@ -204,11 +204,11 @@ def _is_record_set(x: Any) -> bool:
 
 def token_categories(cols: dict[str, list], tokenizer) -> list[str]:
     """Category of every record (N,), decided with each row's context: tokens
-    of a row (same "row" and, if present, "step") are ordered by "position",
+    of a row (same "row" and, if present, "policy_version") are ordered by "position",
     decoded one by one and passed to `categorize_pieces`."""
     n = len(cols["token_id"])
     rows = cols.get("row", [0] * n)
-    steps = cols.get("step", [0] * n)
+    steps = cols.get("policy_version", [0] * n)
     pos = cols.get("position", list(range(n)))
     by_row: dict[tuple, list[int]] = {}
     for i in range(n):
