@@ -290,11 +290,28 @@ class Trainer:
             stats.setdefault(k, []).append(float(v))
         return time.perf_counter() - t
 
+    def _update_set(self, batch: RolloutBatch, m: dict[str, float]) -> RolloutBatch | None:
+        """The rows this rollout step trains on: the batch, or what the reward-balanced
+        buffer releases (its stats go into m); None when there is nothing to train."""
+        if self.buffer is not None:
+            # sampling-time policy: old_logprob kept for the ratio; entropy (and ResRL's hidden
+            # states) serve the update directly while the row is fresh
+            self._sampling_forward(batch)
+            self.buffer.add(batch, self.policy_version)
+            batch, bst = self.buffer.pop_update_set(self.policy_version)
+            m.update(bst)
+        return batch if batch is not None and len(batch) > 0 else None
+
     # ---------------------------------------------------------- flip probe
-    def _flip_due(self) -> bool:
-        """Whether the flip probe runs on the coming update (probes.flip.every)."""
+    def _flip_before(self, batch: RolloutBatch) -> tuple[torch.Tensor, float] | None:
+        """The flip probe's reference log-probs [B, T] before the coming update (and the
+        seconds they took), on the same forward path as its "after"; None when
+        probes.flip.every skips this update."""
         every = self.cfg.probes.flip.every
-        return every > 0 and (self.policy_version + 1) % every == 0
+        if every <= 0 or (self.policy_version + 1) % every != 0:
+            return None
+        t = time.perf_counter()
+        return self._forward_rows(batch, with_entropy=False)["logprob"], time.perf_counter() - t
 
     def _flip_probe(self, batch: RolloutBatch, before: torch.Tensor, t_before: float) -> dict[str, float]:
         """Token-flip statistics of the update just applied: Delta log p of every
@@ -349,23 +366,12 @@ class Trainer:
             if self.first_reward is None:
                 self.first_reward = m["reward_mean"]
             self.last_reward = m["reward_mean"]
-            update_set = batch
-            if self.buffer is not None:
-                # sampling-time policy: old_logprob kept for the ratio; entropy (and ResRL's hidden
-                # states) serve the update directly while the row is fresh
-                self._sampling_forward(batch)
-                self.buffer.add(batch, self.policy_version)
-                update_set, bst = self.buffer.pop_update_set(self.policy_version)
-                m.update(bst)
-            if update_set is not None and len(update_set) > 0:
-                flip = self._flip_due()
-                t = time.perf_counter()
-                # the flip probe's reference: the same forward, padding and row composition as its "after"
-                before = self._forward_rows(update_set, with_entropy=False)["logprob"] if flip else None
-                t_before = time.perf_counter() - t
+            update_set = self._update_set(batch, m)
+            if update_set is not None:
+                before = self._flip_before(update_set)  # None when the probe skips this update
                 m.update(self.update(update_set))
-                if flip:
-                    m.update(self._flip_probe(update_set, before, t_before))
+                if before is not None:
+                    m.update(self._flip_probe(update_set, *before))
             else:
                 m["skipped_update"] = 1.0
             step_time = time.perf_counter() - t0
