@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from tokencredit.data.promptset import EVAL_SEED_OFFSET  # the trainer's held-out arithmetic problems: train.seed + this
+
 DEFAULT_TEMPERATURE = 0.6  # paper sampling (METHODS.md section 7)
 DEFAULT_TOP_P = 0.95
 KEEP_RESPONSES = 4  # responses written per problem in the jsonl
@@ -363,7 +365,6 @@ def add_cli(subparsers) -> None:
 
 
 ARITHMETIC_DEFAULT_PROBLEMS = 100
-HELD_OUT_SEED_OFFSET = 10_007  # the trainer's held-out arithmetic problems use train.seed + this
 
 
 def check_sampling_args(args) -> int:
@@ -406,7 +407,7 @@ def _datasets(args) -> list[tuple[str, str, list]]:
     for d in args.data:
         if d == "arithmetic":
             name = f"arithmetic-d{args.difficulty}"
-            probs = arithmetic_problems(args.limit or ARITHMETIC_DEFAULT_PROBLEMS, seed=args.seed + HELD_OUT_SEED_OFFSET, difficulty=args.difficulty)
+            probs = arithmetic_problems(args.limit or ARITHMETIC_DEFAULT_PROBLEMS, seed=args.seed + EVAL_SEED_OFFSET, difficulty=args.difficulty)
         else:
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(d).stem) or "data"
             probs = load_problems(d, prompt_field=args.prompt_field, answer_field=args.answer_field, limit=args.limit)
@@ -419,8 +420,6 @@ def _datasets(args) -> list[tuple[str, str, list]]:
 
 
 def cmd_eval(args) -> int:
-    import torch
-
     from tokencredit.export import load_for_eval
     from tokencredit.rewards import MathVerifier
 
@@ -440,8 +439,9 @@ def cmd_eval(args) -> int:
         args.max_new_tokens = 512
     k = _check_args(args)
     datasets = _datasets(args)  # data errors before the (slow) model load
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    model, tok, src = load_for_eval(args.model, dtype=args.dtype, device=device)
+    from tokencredit.model import resolve_device
+
+    model, tok, src = load_for_eval(args.model, dtype=args.dtype, device=str(resolve_device(args.device)))
     if src.note:
         print(f"tokencredit: {src.note}", flush=True)
     out = Path(args.out) if args.out else Path("evals") / time.strftime("eval-%Y%m%d-%H%M%S")

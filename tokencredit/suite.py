@@ -303,7 +303,6 @@ def _check(args) -> tuple[int, list[tuple[Benchmark, Path, list]], Path, dict | 
 
 
 def run_suite(args) -> int:
-    import torch
     from tqdm.auto import tqdm
 
     from tokencredit.data import render_prompt
@@ -311,8 +310,9 @@ def run_suite(args) -> int:
     from tokencredit.rewards import MathVerifier
 
     k, datasets, out, earlier = _check(args)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    model, tok, src = load_for_eval(args.model, dtype=args.dtype, device=device)
+    from tokencredit.model import resolve_device
+
+    model, tok, src = load_for_eval(args.model, dtype=args.dtype, device=str(resolve_device(args.device)))
     if src.note:
         print(f"tokencredit: {src.note}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
