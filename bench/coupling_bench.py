@@ -183,7 +183,7 @@ def worker(args) -> None:
     for _ in range(args.repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         if args.method == "chunked":
-            out = predicted_shift(h, W, o, A, 0.1, chunk=args.chunk, bias=bias)
+            out = predicted_shift(h, W, o, A, 0.1, chunk_tokens=args.chunk, bias=bias)
         elif args.method == "pairwise":
             out = predicted_shift_pairwise(h, W, o, A, 0.1, bias=bias)
         elif args.method == "explicit":  # times are extrapolated inside
@@ -232,7 +232,7 @@ def check_agreement(n: int = 512, V: int = 4096, d: int = 64) -> float:
 
     x = make_inputs(n, V, d, seed=1)
     h, W, b = x["h"].double(), x["W"].double(), x["bias"].double()
-    a = predicted_shift(h, W, x["o"], x["A"], 0.1, chunk=100, bias=b)["delta"]
+    a = predicted_shift(h, W, x["o"], x["A"], 0.1, chunk_tokens=100, bias=b)["delta"]
     r = predicted_shift_pairwise(h, W, x["o"], x["A"], 0.1, bias=b)["delta"]
     return ((a - r).abs().max() / r.abs().max()).item()
 

@@ -22,6 +22,7 @@ from tokencredit.probes.coupling import (
     predicted_shift_pairwise,
     token_stats,
 )
+from tokencredit.probes.lm_head import LogitTransform, lm_head_grad, lm_head_of
 
 ROLLOUTS = [
     "the answer is 42 because 6 times 7 is 42, so the answer is 42.",
@@ -32,7 +33,7 @@ ROLLOUTS = [
 ADV = [1.3, -0.7, 0.9, -1.5]  # one weight per rollout, broadcast to its tokens
 
 
-# thousands of tiny ops (chunk=1): one intra-op thread (conftest `one_thread`)
+# thousands of tiny ops (chunk_tokens=1): one intra-op thread (conftest `one_thread`)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_batch():
     """Real hidden states of the tiny model on 4 char-level rollouts.
 
-    Returns (model, h (N, d), W (V, d), o (N,), A (N,)) with N ~ 250 and
+    Returns (model, h [N, d], W [V, d], o [N], A [N]) with N ~ 250 and
     many repeated ids (char tokenizer: spaces, vowels, digits).
     """
     model, tok = build_tiny(seed=0)
@@ -48,7 +49,7 @@ def tiny_batch():
     with torch.no_grad():
         for text, a in zip(ROLLOUTS, ADV):
             ids = tok(text, return_tensors="pt").input_ids  # (1, T)
-            h = model.model(input_ids=ids).last_hidden_state[0]  # (T, d), post final norm
+            h = model.model(input_ids=ids).last_hidden_state[0]  # [T, d], post final norm
             hs.append(h[:-1])  # state s_t predicts token t+1
             os_.append(ids[0, 1:])
             As.append(torch.full((ids.shape[1] - 1,), a))
@@ -72,7 +73,7 @@ def test_chunked_matches_pairwise_float64(tiny_batch, chunk, w_scale):
     _, h, W, o, A = tiny_batch
     h, W = h.double(), W.double() * w_scale
     eta = 1e-2
-    got = predicted_shift(h, W, o, A, eta, chunk=chunk)
+    got = predicted_shift(h, W, o, A, eta, chunk_tokens=chunk)
     ref = predicted_shift_pairwise(h, W, o, A, eta)
     for key in ("delta", "self_term", "same_token", "diff_token"):
         assert _rel(got[key], ref[key]) < 1e-5, key
@@ -92,7 +93,7 @@ def test_chunked_matches_pairwise_float64(tiny_batch, chunk, w_scale):
 def test_chunked_matches_pairwise_float32(tiny_batch):
     _, h, W, o, A = tiny_batch
     W = W * 40.0
-    got = predicted_shift(h, W, o, A, 1e-2, chunk=16)
+    got = predicted_shift(h, W, o, A, 1e-2, chunk_tokens=16)
     ref = predicted_shift_pairwise(h.double(), W.double(), o, A, 1e-2)
     for key in ("delta", "self_term", "same_token"):
         assert _rel(got[key].double(), ref[key]) < 1e-5, key
@@ -103,7 +104,7 @@ def test_bias_and_temperature(tiny_batch):
     h, W = h.double(), W.double() * 20
     b = torch.randn(W.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     kw = dict(bias=b, temperature=0.7)
-    got = predicted_shift(h, W, o, A, 1e-2, chunk=13, **kw)
+    got = predicted_shift(h, W, o, A, 1e-2, chunk_tokens=13, **kw)
     ref = predicted_shift_pairwise(h, W, o, A, 1e-2, **kw)
     for key in ("delta", "self_term", "same_token", "diff_token"):
         assert _rel(got[key], ref[key]) < 1e-5, key
@@ -127,13 +128,13 @@ def test_property_chunked_equals_pairwise_and_permutation(N, V, d, chunk, seed):
     W = 2 * torch.randn(V, d, generator=g, dtype=torch.float64)
     o = torch.randint(V, (N,), generator=g)
     A = torch.randn(N, generator=g, dtype=torch.float64)
-    got = predicted_shift(h, W, o, A, 0.3, chunk=chunk)
+    got = predicted_shift(h, W, o, A, 0.3, chunk_tokens=chunk)
     ref = predicted_shift_pairwise(h, W, o, A, 0.3)
     for key in ("delta", "self_term", "same_token", "diff_token"):
         torch.testing.assert_close(got[key], ref[key], rtol=1e-9, atol=1e-10)
     # permuting tokens permutes the deltas (how the batch is cut/ordered is irrelevant)
     p = torch.randperm(N, generator=g)
-    perm = predicted_shift(h[p], W, o[p], A[p], 0.3, chunk=chunk)
+    perm = predicted_shift(h[p], W, o[p], A[p], 0.3, chunk_tokens=chunk)
     torch.testing.assert_close(perm["delta"], got["delta"][p], rtol=1e-9, atol=1e-10)
 
 
@@ -194,7 +195,7 @@ def test_hand_computed_same_token():
     torch.testing.assert_close(pairs["contrib"], exp_contrib)
     # phi_11 = 1 - 2(.5) + .375 = .375 ; phi_22 = 1 - 2(.4) + .36 = .56
     # eta/N = 1: delta_1 = 1*1*.375 + (-2)*1*.45 = -.525 ; delta_2 = -2*2*.56 + 1*1*.45 = -1.79
-    out = predicted_shift(h, W, o, A, eta=2.0, chunk=1)
+    out = predicted_shift(h, W, o, A, eta=2.0, chunk_tokens=1)
     exp = {
         "delta": [-0.525, -1.79],
         "self_term": [0.375, -2.24],
@@ -235,7 +236,7 @@ def test_coupling_pairs_exact_phi_and_flags(tiny_batch, mode):
     gen = torch.Generator().manual_seed(0)
     n_pairs = 600
     thr = 0.2 if mode == "prob" else None
-    pairs = coupling_pairs(h, W, o, A, mode, n_pairs, gen, thr, chunk=64)
+    pairs = coupling_pairs(h, W, o, A, mode, n_pairs, gen, thr, chunk_tokens=64)
     j, k = pairs["j"], pairs["k"]
     assert j.shape == (n_pairs,) and (j != k).all()
     # phi = <r_j, r_k> with explicit error vectors
@@ -287,3 +288,134 @@ def test_coupling_pairs_reproducible_and_no_repeats():
     p2 = coupling_pairs(h, W, o, A, "prob", 50, torch.Generator().manual_seed(7))
     assert torch.equal(p1["j"], p2["j"]) and torch.equal(p1["k"], p2["k"])
     assert not p1["oversampled"].any() and not p1["same_token"].any()
+
+
+# (e) the one LM-head gradient and the one logit transform ----------------------------
+
+TRANSFORMS = {
+    "plain": LogitTransform(),
+    "scale_temp": LogitTransform(2.5, None, 0.7),
+    "scale_softcap_temp": LogitTransform(2.5, 1.5, 0.7),
+}
+
+
+def _rand_head(seed, N=37, V=11, d=5):
+    """float64 h [N, d], W [V, d], b [V], o [N] (ids repeat), A [N]."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, d, generator=g, dtype=torch.float64)
+    W = 1.5 * torch.randn(V, d, generator=g, dtype=torch.float64)
+    b = 0.3 * torch.randn(V, generator=g, dtype=torch.float64)
+    o = torch.randint(V, (N,), generator=g)
+    o[:12] = o[0]  # a large same-token group
+    A = torch.randn(N, generator=g, dtype=torch.float64)
+    return h, W, b, o, A
+
+
+def _logits_by_hand(h, W, b, tf):
+    """z = softcap(logit_scale (W h + b)) / temperature, written out (forward.py's order)."""
+    x = (h @ W.T + b) * tf.logit_scale
+    if tf.softcap is not None:
+        x = tf.softcap * torch.tanh(x / tf.softcap)
+    return x / tf.temperature
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+@pytest.mark.parametrize("chunk_tokens", [1, 8, 1000])
+def test_lm_head_grad_equals_autograd(name, chunk_tokens):
+    """G = sum_k A_k rho_k h_k^T is autograd's d/dW sum_k A_k log softmax(z_k)[o_k]."""
+    tf = TRANSFORMS[name]
+    h, W, b, o, A = _rand_head(0)
+    Wg = W.clone().requires_grad_(True)
+    J = (A * torch.log_softmax(_logits_by_hand(h, Wg, b, tf), -1).gather(1, o[:, None]).squeeze(1)).sum()
+    (ref,) = torch.autograd.grad(J, Wg)
+    G = lm_head_grad(h, W, o, A, bias=b, transform=tf, chunk_tokens=chunk_tokens)
+    assert G.shape == W.shape and G.dtype == torch.float64
+    torch.testing.assert_close(G, ref, rtol=1e-10, atol=1e-12)
+    if name == "plain":  # the paper's form sum_k A_k r_k h_k^T
+        R = -torch.softmax(h @ W.T + b, -1)
+        R[torch.arange(len(o)), o] += 1
+        torch.testing.assert_close(G, R.T @ (A[:, None] * h), rtol=1e-10, atol=1e-12)
+    else:  # the transform matters (the test is not vacuous)
+        plain = lm_head_grad(h, W, o, A, bias=b)
+        assert (G - plain).abs().max() > 1e-2
+
+
+def test_logit_transform_is_the_forward_pass_one():
+    """LogitTransform.of(model) on the final hidden states gives forward_tokens' log-probs."""
+    from tests.test_probes_masking import make_batch, transformed
+    from tokencredit.model.forward import forward_tokens, lm_head_inputs
+
+    model, tok = build_tiny(seed=0)
+    batch = make_batch(tok)
+    rows, pos = (batch.response_mask > 0).nonzero(as_tuple=True)
+    for m in (model, transformed(model)):
+        W, bias, tf = lm_head_of(m, temperature=0.8)
+        h = lm_head_inputs(m, batch)[rows, pos]
+        o = batch.response_ids[rows, pos]
+        u = h @ W.T if bias is None else h @ W.T + bias
+        lp = torch.log_softmax(tf(u), -1).gather(1, o[:, None]).squeeze(1)
+        with torch.no_grad():
+            ref = forward_tokens(m, batch, temperature=0.8)["logprob"][rows, pos]
+        assert (lp - ref).abs().max() < 1e-5
+    assert lm_head_of(transformed(model))[2] == LogitTransform(4.0, 2.0, 1.0)
+
+
+@pytest.mark.parametrize("name", ["scale_temp", "scale_softcap_temp"])
+def test_predicted_shift_with_logit_transform(name):
+    """Chunked == pairwise, the pairs' contrib is A_k K_jk, and the first-order
+    prediction tracks the actual (autograd) head step, all under the transform."""
+    tf = TRANSFORMS[name]
+    kw = dict(bias=None, temperature=tf.temperature, logit_scale=tf.logit_scale, softcap=tf.softcap)
+    h, W, _, o, A = _rand_head(1, N=60, V=13, d=6)
+    got = predicted_shift(h, W, o, A, 0.3, chunk_tokens=5, **kw)
+    ref = predicted_shift_pairwise(h, W, o, A, 0.3, **kw)
+    for key in ("delta", "self_term", "same_token", "diff_token"):
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-9, atol=1e-10)
+    pairs = coupling_pairs(h, W, o, A, "prob", 200, torch.Generator().manual_seed(0), chunk_tokens=7, **kw)
+    torch.testing.assert_close(pairs["contrib"], A[pairs["k"]] * ref["kernel"][pairs["j"], pairs["k"]], rtol=1e-9, atol=1e-10)
+    real = lm_head_grad_step(W, h, o, A, lr=1e-4, **kw)["delta_logp"]
+    pred = predicted_shift(h, W, o, A, eta=1e-4, **kw)["delta"]
+    assert torch.corrcoef(torch.stack([pred, real]))[0, 1] > 0.999
+    assert _rel(pred, real) < 0.01
+    st_ = token_stats(h, W, o, **kw)
+    pi = torch.softmax(_logits_by_hand(h, W, torch.zeros(W.shape[0], dtype=W.dtype), tf), -1)
+    torch.testing.assert_close(st_["p_own"], pi[torch.arange(len(o)), o])
+
+
+def test_lm_head_inputs_micro_rows():
+    """The coupling probe's hidden states do not depend on how rows are cut."""
+    from tests.test_probes_masking import make_batch
+    from tokencredit.model.forward import lm_head_inputs
+
+    model, tok = build_tiny(seed=0)
+    batch = make_batch(tok)
+    ref = lm_head_inputs(model, batch)  # [B, T, H], one pass
+    for micro_rows in (1, 3, 8, 100):
+        got = lm_head_inputs(model, batch, micro_rows=micro_rows)
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max() < 1e-5, micro_rows
+    assert (ref.abs().sum(-1) > 0).eq(batch.response_mask > 0).all()  # 0 exactly on padding
+    with pytest.raises(ValueError, match="micro_rows"):
+        lm_head_inputs(model, batch, micro_rows=0)
+
+
+def test_cli_coupling_micro_rows_reaches_the_forward(tmp_path, monkeypatch):
+    """`probe coupling --micro-rows 3` runs the hidden-state forward in 3-row passes."""
+    import tokencredit.model.forward as fwd
+    from tests.test_probes_masking import make_batch
+    from tokencredit.cli import main
+    from tokencredit.batch import save_batch
+
+    _, tok = build_tiny(seed=0)
+    path = save_batch(make_batch(tok), tmp_path / "b")
+    seen = []
+    real = fwd.lm_head_inputs
+
+    def spy(model, batch, **kw):
+        seen.append(kw.get("micro_rows"))
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(fwd, "lm_head_inputs", spy)
+    assert main(["probe", "coupling", "--model", "tiny-random", "--batch", str(path), "--out", str(tmp_path / "o"),
+                 "--pairs", "16", "--micro-rows", "3"]) == 0
+    assert seen == [3]

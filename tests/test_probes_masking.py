@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tokencredit.batch import RolloutBatch
-from tokencredit.model.forward import forward_tokens
+from tokencredit.model.forward import forward_rows, forward_tokens
 from tokencredit.model.tiny import build_tiny
 from tokencredit.probes.masking import (
     READINGS,
@@ -31,7 +31,6 @@ from tokencredit.probes.masking import (
     sign_aligned,
     sign_agreement,
     split_by_sign,
-    token_logprobs,
     untie_lm_head,
 )
 
@@ -70,6 +69,20 @@ def tiny():
     return model, make_batch(tok)
 
 
+def transformed(model, logit_scale=4.0, softcap=2.0):
+    """A deepcopy whose logits get a logit scale and a final softcap (Cohere / Gemma-2
+    style; the probes' forward reads them from the config)."""
+    m = copy.deepcopy(model)
+    m.config.logit_scale = logit_scale
+    m.config.final_logit_softcapping = softcap
+    return m
+
+
+def logprobs(model, batch):
+    """[B, T] no-grad log-probs (the probes' forward_rows)."""
+    return forward_rows(model, batch, micro_rows=8, with_entropy=False)["logprob"]
+
+
 def _flat(batch):
     return (batch.response_mask > 0).nonzero(as_tuple=True)
 
@@ -99,7 +112,7 @@ def test_sets_are_well_formed(tiny):
     model, batch = tiny
     rows, pos = _flat(batch)
     ids = batch.response_ids[rows, pos]
-    old = token_logprobs(model, batch)[rows, pos].exp()
+    old = logprobs(model, batch)[rows, pos].exp()
     in_loss = torch.rand(ids.numel(), generator=torch.Generator().manual_seed(5)) < 0.7
     g = torch.Generator().manual_seed(1)
     cands = select_candidates(ids, 20, g, in_loss)
@@ -185,14 +198,16 @@ def test_empty_set_gives_exactly_zero(tiny, lm_head):
     assert torch.equal(out["delta"]["empty"], torch.zeros(3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("tf", [False, True], ids=["plain", "scale_softcap"])
 @pytest.mark.parametrize("lm_head", [True, False])
-def test_masking_effect_matches_brute_force(tiny, lm_head):
+def test_masking_effect_matches_brute_force(tiny, lm_head, tf):
     model, batch = tiny
+    model = transformed(model) if tf else model  # the closed form under logit scale + softcap
     rows, pos = _flat(batch)
     ids = batch.response_ids[rows, pos]
     g = torch.Generator().manual_seed(3)
     cands = select_candidates(ids, 2, g)
-    old = token_logprobs(model, batch)[rows, pos].exp()
+    old = logprobs(model, batch)[rows, pos].exp()
     sets = build_mask_sets(ids, low_confidence(old, None, "prob", float(old.median()))[0], cands, g)
     sets = {k: sets[k] for k in ("same_token", "random")}
     before = _params(model)
@@ -225,13 +240,15 @@ def test_lm_head_step_leaves_other_parameters_unchanged(tiny):
         sgd_step(copy.deepcopy(model), batch, eq2_weights(batch), LR, params="lm_head")
 
 
-def test_lm_head_closed_form_delta_all_matches_step(tiny):
+@pytest.mark.parametrize("tf", [False, True], ids=["plain", "scale_softcap"])
+def test_lm_head_closed_form_delta_all_matches_step(tiny, tf):
     model, batch = tiny
+    model = transformed(model) if tf else model
     rows, pos = _flat(batch)
     out = lm_head_masking(model, batch, eq2_weights(batch), torch.empty(0, dtype=torch.long), {}, LR)
     m = untie_lm_head(model)
     sgd_step(m, batch, eq2_weights(batch), LR, params="lm_head")
-    ref = (token_logprobs(m, batch) - token_logprobs(model, batch))[rows, pos].double()
+    ref = (logprobs(m, batch) - logprobs(model, batch))[rows, pos].double()
     assert (out["delta_all"] - ref).abs().max() < 1e-5
 
 
@@ -318,7 +335,7 @@ def test_every_reading_matches_brute_force(tiny, kw):
     paired) against deltas from literal masked SGD steps."""
     model, batch = tiny
     rows, pos = _flat(batch)
-    old = token_logprobs(model, batch)[rows, pos].exp()
+    old = logprobs(model, batch)[rows, pos].exp()
     kw = kw or dict(threshold=float(old.median()))  # the tiny model puts every prob under 0.5
     C, n_full = 4, 2
     tables, summary = masking_probe(model, batch, n_candidates=C, n_full=n_full, lr=LR, seed=1, **kw)
@@ -363,7 +380,7 @@ def test_every_reading_matches_brute_force(tiny, kw):
             for k in ("low_conf", "same_token&low_conf"):
                 assert table[(q, k)]["n_lm_head"] <= sum(low.values())
         ent = forward_tokens(model, batch)["entropy"][rows, pos]
-        low_ref = ent > ent.double().quantile(0.5)  # (N,) entropy above the batch median
+        low_ref = ent > ent.double().quantile(0.5)  # [N] entropy above the batch median
         assert tables["tokens"]["low_conf"] == low_ref.tolist()
         assert summary["low_conf_cut"] == pytest.approx(float(ent.double().quantile(0.5)))
         for i, k in enumerate(c["set"]):
@@ -395,7 +412,7 @@ def test_cli_masking_options(tiny, tmp_path, capsys):
     import json
 
     from tokencredit.cli import main
-    from tokencredit.probes.cli import save_batch
+    from tokencredit.batch import save_batch
 
     _, batch = tiny
     path = save_batch(batch, tmp_path / "b")
@@ -417,3 +434,58 @@ def test_cli_masking_options(tiny, tmp_path, capsys):
     assert main([*common, "--low-conf", "1.5"]) == 2
     assert main([*common, "--confidence", "entropy", "--low-conf", "1.0"]) == 2
     assert "--low-conf" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tf", [False, True], ids=["plain", "scale_softcap"])
+def test_coupling_and_masking_share_the_lm_head_step(tiny, tf):
+    """The masking probe's exact head step (closed form from lm_head_grad) is the
+    autograd head step of coupling.lm_head_grad_step, and coupling's first-order
+    prediction (the same G) tracks it: one gradient, one logit transform."""
+    from tokencredit.model.forward import lm_head_inputs
+    from tokencredit.probes.coupling import lm_head_grad_step, predicted_shift
+    from tokencredit.probes.lm_head import lm_head_of
+
+    model, batch = tiny
+    model = transformed(model) if tf else model
+    rows, pos = _flat(batch)
+    w = eq2_weights(batch)
+    lr = 0.005  # small: the first-order prediction below is within a few % of the step
+    out = lm_head_masking(model, batch, w, torch.empty(0, dtype=torch.long), {}, lr)
+    h = lm_head_inputs(model, batch)[rows, pos].double()  # [N, d]
+    o, A = batch.response_ids[rows, pos], w[rows, pos].double()
+    real = lm_head_grad_step(model, h, o, A, lr=lr)["delta_logp"]  # autograd on W, the model's transform
+    assert (out["delta_all"] - real).abs().max() < 1e-5
+    W, bias, t = lm_head_of(model, dtype=torch.float64)
+    pred = predicted_shift(h, W, o, A, lr, bias=bias, temperature=t.temperature, logit_scale=t.logit_scale, softcap=t.softcap)["delta"]
+    assert torch.corrcoef(torch.stack([pred, out["delta_all"]]))[0, 1] > 0.99
+    assert (pred - out["delta_all"]).abs().max() < 0.05 * out["delta_all"].abs().max()
+    if tf:  # the transform changes the step (not vacuous)
+        plain = lm_head_masking(tiny[0], batch, w, torch.empty(0, dtype=torch.long), {}, lr)["delta_all"]
+        assert (plain - out["delta_all"]).abs().max() > 1e-3
+
+
+def test_masking_probe_passes_chunk_tokens_and_micro_rows(tiny, monkeypatch):
+    """model.chunk_tokens and --micro-rows reach the LM-head path; results do not depend on them."""
+    import tokencredit.probes.masking as mk
+
+    model, batch = tiny
+    seen = {}
+    grad, inputs = mk.lm_head_grad, mk.lm_head_inputs
+
+    def grad_spy(*a, **kw):
+        seen["chunk_tokens"] = kw["chunk_tokens"]
+        return grad(*a, **kw)
+
+    def inputs_spy(m, b, **kw):
+        seen["micro_rows"] = kw["micro_rows"]
+        return inputs(m, b, **kw)
+
+    kw = dict(n_candidates=4, modes=("lm_head",), seed=0)
+    ref, _ = masking_probe(model, batch, **kw)
+    monkeypatch.setattr(mk, "lm_head_grad", grad_spy)
+    monkeypatch.setattr(mk, "lm_head_inputs", inputs_spy)
+    got, _ = masking_probe(model, batch, chunk_tokens=3, micro_rows=2, **kw)
+    assert seen == {"chunk_tokens": 3, "micro_rows": 2}
+    for col in ("delta_lm_head", "old_prob"):
+        assert max(abs(a - b) for a, b in zip(got["tokens"][col], ref["tokens"][col])) < 1e-6
+    assert max(abs(a - b) for a, b in zip(got["candidates"]["delta_lm_head"], ref["candidates"]["delta_lm_head"])) < 1e-6

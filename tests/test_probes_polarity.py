@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from tests.test_probes_masking import make_batch
+from tests.test_probes_masking import logprobs, make_batch
 from tokencredit.model.tiny import build_tiny
-from tokencredit.probes.masking import eq2_weights, sgd_step, token_logprobs
+from tokencredit.probes.masking import eq2_weights, sgd_step
 from tokencredit.probes.polarity import adamw_update, polarity_probe, positive_only
 
 
@@ -59,11 +59,11 @@ def test_sgd_variant_is_the_eq2_step(tiny):
     batch = make_batch(tok)
     rows, pos = (batch.response_mask > 0).nonzero(as_tuple=True)
     table, _ = polarity_probe(model, batch, update="sgd", lr=0.1)
-    before = token_logprobs(model, batch)
+    before = logprobs(model, batch)
     for col, adv in (("delta_grpo", batch.advantage), ("delta_positive_only", positive_only(batch.advantage))):
         m = copy.deepcopy(model)
         sgd_step(m, batch, eq2_weights(batch, adv), 0.1)
-        ref = (token_logprobs(m, batch) - before)[rows, pos]
+        ref = (logprobs(m, batch) - before)[rows, pos]
         assert (torch.tensor(table[col]) - ref).abs().max() < 1e-6
     assert table["advantage_pos"] == [max(a, 0.0) for a in table["advantage"]]
 
@@ -101,7 +101,7 @@ def test_cli_probes_on_a_saved_batch(tiny, tmp_path, capsys):
     import pyarrow.parquet as pq
 
     from tokencredit.cli import main
-    from tokencredit.probes.cli import load_batch, save_batch
+    from tokencredit.batch import load_batch, save_batch
 
     _, tok = tiny
     batch = make_batch(tok)
@@ -109,9 +109,9 @@ def test_cli_probes_on_a_saved_batch(tiny, tmp_path, capsys):
     back = load_batch(tmp_path / "b.json")
     assert torch.equal(back.response_ids, batch.response_ids) and torch.equal(back.advantage, batch.advantage)
     out = tmp_path / "probes"
-    common = ["--model", "tiny-random", "--batch", str(path), "--out", str(out), "--no-progress"]
+    common = ["--model", "tiny-random", "--batch", str(path), "--out", str(out)]
     assert main(["probe", "polarity", *common, "--update", "sgd"]) == 0
-    assert main(["probe", "masking", *common, "--candidates", "4", "--full-candidates", "1"]) == 0
+    assert main(["probe", "masking", *common, "--no-progress", "--candidates", "4", "--full-candidates", "1"]) == 0
     assert main(["probe", "coupling", *common, "--pairs", "64"]) == 0
     for f in ("polarity_tokens.parquet", "polarity.jsonl", "polarity_summary.txt", "categories_polarity.json",
               "masking_candidates.parquet", "masking_tokens.parquet", "masking.jsonl", "masking_summary.txt",
@@ -125,3 +125,36 @@ def test_cli_probes_on_a_saved_batch(tiny, tmp_path, capsys):
     assert main(["probe", "masking", "--out", str(out)]) == 2
     assert main(["probe", "masking", "--model", "tiny-random", "--batch", str(tmp_path / "missing")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("update", ["sgd", "adamw"])
+def test_micro_rows_reaches_every_pass_and_changes_nothing(tiny, update, monkeypatch):
+    """micro_rows cuts every forward and backward of the probe (both updates go
+    through update.optimizer_step) and the results do not depend on it."""
+    import tokencredit.probes.masking as mk
+    import tokencredit.probes.polarity as pol
+
+    model, tok = tiny
+    batch = make_batch(tok)
+    lr = 0.1 if update == "sgd" else 1e-3
+    ref, s_ref = polarity_probe(model, batch, update=update, lr=lr, micro_rows=8)
+    steps, fwd = [], []
+    step, rows = pol.optimizer_step, pol.forward_rows
+
+    def step_spy(model, opt, micros, spec, **kw):
+        steps.append([len(u) for u in micros])
+        return step(model, opt, micros, spec, **kw)
+
+    def rows_spy(model, batch, **kw):
+        fwd.append(kw["micro_rows"])
+        return rows(model, batch, **kw)
+
+    for mod in (pol, mk):
+        monkeypatch.setattr(mod, "optimizer_step", step_spy)
+        monkeypatch.setattr(mod, "forward_rows", rows_spy)
+    got, s_got = polarity_probe(model, batch, update=update, lr=lr, micro_rows=1)
+    assert len(steps) == 2 and all(set(n) == {1} for n in steps)  # one step per variant, 1-row micro-batches
+    assert fwd and set(fwd) == {1}  # old log-probs, before and after: 1-row passes
+    for col in ("old_logprob", "delta_grpo", "delta_positive_only"):
+        assert (torch.tensor(got[col]) - torch.tensor(ref[col])).abs().max() < 1e-6, col
+    assert s_got["rows_pos"] == s_ref["rows_pos"] and s_got["tokens"] == s_ref["tokens"]

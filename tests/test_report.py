@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from tokencredit.report import coupling_cell_table, make_report, read_jsonl  # noqa: E402
+from tokencredit.report import coupling_cell_table, make_report  # noqa: E402
+from tokencredit.rundir import read_jsonl  # noqa: E402
 
 SUMMARY = {"steps": 3, "reward_first_step": 0.125, "reward_last_step": 0.4375, "tokens_per_s": 123.456,
            "wall_s": 9.87, "eval_accuracy_start": 0.25, "eval_accuracy_end": 0.75}

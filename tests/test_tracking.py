@@ -116,7 +116,7 @@ def test_probe_cli_sends_its_numbers(tb_run, capsys):
     from tokencredit.cli import main
 
     run_dir, _ = tb_run
-    assert main(["probe", "coupling", "--run", str(run_dir), "--pairs", "64", "--no-progress"]) == 0
+    assert main(["probe", "coupling", "--run", str(run_dir), "--pairs", "64"]) == 0
     assert "sent to 1 tracker(s)" in capsys.readouterr().out
     sc = _scalars(run_dir)
     cells = [json.loads(l) for l in (run_dir / "probes" / "coupling_cells.jsonl").read_text().splitlines()]
@@ -138,7 +138,7 @@ def test_value_probe_sends_its_gaps(tb_run, monkeypatch):
     res = {"path": run_dir / "probes" / "value_step_1.jsonl", "written": 6, "skipped": 0, "checkpoint": "initial model",
            "gap": gap, "by_sign": {"pos": gap, "neg": {**gap, "gap": -0.25}}, "entropy_topk": [], "repeat": []}
     monkeypatch.setattr(value, "run_value_probe", lambda *a, **k: res)
-    assert main(["probe", "value", str(run_dir), "--step", "1", "--no-progress"]) == 0
+    assert main(["probe", "value", "--run", str(run_dir), "--step", "1", "--no-progress"]) == 0
     sc = _scalars(run_dir)
     assert sc["summary/probe/value_step_1/gap/gap"] == [(2, 0.125)]
     assert sc["summary/probe/value_step_1/by_sign/neg/gap"] == [(2, -0.25)]

@@ -68,7 +68,7 @@ def test_split_gap_and_entropy_subsets():
 
 
 def test_entropy_cutoffs_by_hand():
-    # (B, T) = (2, 4); the padded cells hold entropies that would win if they counted
+    # [B, T] = [2, 4]; the padded cells hold entropies that would win if they counted
     ent = torch.tensor([[5.0, 4.0, 3.0, 99.0], [2.0, 1.0, 0.5, 50.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
     # N = 6 response tokens, sorted 5 4 3 2 1 0.5; n_k = max(1, ceil(6 k / 100)) = 1, 3, 4, 6
@@ -93,7 +93,7 @@ def test_fig5b_cutoffs_come_from_the_whole_batch():
     the batch's ranks 4, 5, 8, 9 of 10 (10 padded columns hold entropies that
     must not count), so the batch's top 60% holds only the first two, while
     ranking the valued tokens among themselves would take three."""
-    batch = torch.tensor([[9.0, 8.0, 7.0, 6.0, 5.0, 30.0], [4.0, 3.0, 2.0, 1.0, 0.5, 30.0]])  # (B, T)
+    batch = torch.tensor([[9.0, 8.0, 7.0, 6.0, 5.0, 30.0], [4.0, 3.0, 2.0, 1.0, 0.5, 30.0]])  # [B, T]
     mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]])
     recs = [_rec("boosted", 1.0, 6.0), _rec("suppressed", 0.0, 5.0), _rec("boosted", 0.0, 2.0), _rec("suppressed", 1.0, 1.0)]
     ks = (30, 60, 100)
@@ -190,7 +190,7 @@ def test_shared_cache_matches_unshared_paths(tiny):
     first = torch.tensor([t[0] for t in res["shared"]["tokens"]])
     ids = torch.cat([prefix.expand(6, -1), first[:, None]], 1)
     with torch.no_grad():
-        ref = model(input_ids=ids, use_cache=False).logits[:, -1]  # (R, V)
+        ref = model(input_ids=ids, use_cache=False).logits[:, -1]  # [R, V]
     torch.testing.assert_close(res["shared"]["first_logits"], ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(res["batched"]["first_logits"], ref, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
@@ -250,7 +250,7 @@ def run_dir(tmp_path_factory):
     from tokencredit.config import dump_config, load_config
     from tokencredit.model import forward_tokens, load_model
     from tokencredit.probes.flip import flip_records
-    from tokencredit.probes.value import step_prompts
+    from tokencredit.data.promptset import build_prompt_set
     from tokencredit.rollout.hf import generate_hf
 
     d = tmp_path_factory.mktemp("valuerun")
@@ -260,16 +260,16 @@ def run_dir(tmp_path_factory):
                              "rollout.max_new_tokens=5", "train.lr=0.01", "output.root=" + str(d)])
     (d / "config.yaml").write_text(dump_config(cfg))
     model, tok = load_model("tiny-random")
-    prompts, answers = step_prompts(cfg, tok, 1)
+    ps = build_prompt_set(cfg, tok)
+    idx = ps.indices(0, cfg.rollout.prompts_per_step)  # the first rollout step's prompts, as the trainer draws them
+    prompts, answers = [ps.prompts[i] for i in idx], [ps.answers[i] for i in idx]
     torch.manual_seed(0)
     b = generate_hf(model, tok, prompts, n=4, temperature=1.0, top_p=1.0, max_new_tokens=5, answers=answers)
     b.advantage = torch.tensor([1.0, -1.0] * 4)
     with torch.no_grad():
         lp = forward_tokens(model, b, with_entropy=True)
     delta = torch.randn(lp["logprob"].shape, generator=torch.Generator().manual_seed(0)) * b.response_mask
-    from tokencredit.probes.value import _prompt_shell
-
-    pidx = torch.tensor(_prompt_shell(cfg, tok)._prompt_indices(0)).repeat_interleave(4)  # as the trainer records it
+    pidx = torch.tensor(idx).repeat_interleave(4)  # as the trainer records it
     rec = flip_records(delta, b.advantage, b.response_mask, b.response_ids, lp["entropy"], lp["logprob"], 1,
                        group_id=b.group_id, prompt_index=pidx)
     (d / "probes").mkdir()
@@ -280,13 +280,14 @@ def run_dir(tmp_path_factory):
 def test_probe_writes_resumes_and_matches_old_prob(run_dir):
     import pyarrow.parquet as pq
 
-    from tokencredit.probes.value import read_done, run_value_probe
+    from tokencredit.probes.value import run_value_probe
+    from tokencredit.rundir import read_jsonl
 
     out = run_dir / "probes" / "value_step_1.jsonl"
     res = run_value_probe(run_dir, 1, n_tokens=4, M=2, repeat=2, progress=False)
     assert res["written"] == 4 and res["skipped"] == 0
     assert res["checkpoint"].startswith("initial model")
-    full = read_done(out)
+    full = read_jsonl(out)
     assert len(full) == 4
     assert sum(r["kind"] == "boosted" for r in full) == 2
     assert {r["sign"] for r in full} == {"pos", "neg"}
@@ -305,7 +306,7 @@ def test_probe_writes_resumes_and_matches_old_prob(run_dir):
     out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])
     res2 = run_value_probe(run_dir, 1, n_tokens=4, M=2, repeat=2, progress=False)
     assert (res2["written"], res2["skipped"]) == (2, 2)
-    again = read_done(out)
+    again = read_jsonl(out)
     strip = lambda r: {k: v for k, v in r.items() if k != "time_s"}  # noqa: E731
     assert sorted(map(json.dumps, map(strip, again))) == sorted(map(json.dumps, map(strip, full)))
 
@@ -317,28 +318,26 @@ def test_cli_errors(run_dir, capsys):
 
     ap = argparse.ArgumentParser()
     add_cli(ap.add_subparsers())
-    a = ap.parse_args(["value", str(run_dir), "--step", "1", "--tokens", "4", "--M", "3", "--no-progress"])
+    a = ap.parse_args(["value", "--run", str(run_dir), "--step", "1", "--tokens", "4", "--M", "3", "--no-progress"])
     assert a.func(a) == 2 and "M=2" in capsys.readouterr().err
-    a = ap.parse_args(["value", str(run_dir), "--step", "9"])
+    a = ap.parse_args(["value", "--run", str(run_dir), "--step", "9"])
     with pytest.raises(FileNotFoundError, match="flip_step_9"):
         a.func(a)
 
 
-def test_row_groups_and_the_buffer_needs_group_ids(run_dir, tmp_path):
+def test_flip_file_without_prompt_index_is_refused(run_dir, tmp_path):
     import shutil
 
     import pyarrow.parquet as pq
 
-    from tokencredit.probes.value import row_groups, run_value_probe
+    from tokencredit.probes.value import run_value_probe
 
-    assert row_groups({"row": [0, 3, 4, 7]}, step=3, prompts_per_step=2, n=4) == {0: 4, 3: 4, 4: 5, 7: 5}
-    assert row_groups({"row": [0, 5], "group_id": [17, 4]}, step=3, prompts_per_step=2, n=4) == {0: 17, 5: 4}
-    with pytest.raises(ValueError, match="group_id"):
-        row_groups({"row": [8]}, step=1, prompts_per_step=2, n=4)
-    # default config (reward-balanced buffer on) + records without prompt_index: refused before any model work
+    # records without prompt_index (older trainer): one clear error naming the file, before any model work
     d = tmp_path / "run"
     shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("value_*"))
     t = pq.read_table(d / "probes" / "flip_step_1.parquet").drop(["prompt_index"])
     pq.write_table(t, d / "probes" / "flip_step_1.parquet")
-    with pytest.raises(ValueError, match="prompt_index"):
+    with pytest.raises(ValueError, match="prompt_index") as e:
         run_value_probe(d, 1, n_tokens=4, M=2, progress=False)
+    assert "flip_step_1.parquet" in str(e.value) and "probes.flip.save_tokens=true" in str(e.value)
+    assert not (d / "probes" / "value_step_1.jsonl").exists()

@@ -49,12 +49,15 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib.util
 import json
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from tokencredit.rundir import read_jsonl, read_table
 
 log = logging.getLogger("tokencredit.report")
 
@@ -65,34 +68,8 @@ CATEGORIES = ("math", "format", "reasoning")
 
 
 # ----------------------------------------------------------------------------
-# reading
+# reading (files: tokencredit.rundir.read_jsonl / read_table)
 # ----------------------------------------------------------------------------
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """JSON objects, one per line; blank lines and a malformed line (e.g. the
-    half-written tail of a killed run) are skipped with a warning."""
-    rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d: not JSON, skipped", path, i + 1)
-            continue
-        if isinstance(obj, dict):
-            rows.append(obj)
-    return rows
-
-
-def _read_table(path: Path) -> list[dict]:
-    """Rows of a .parquet or .jsonl file as dicts."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    return read_jsonl(path)
 
 
 def _num(v: Any) -> float:
@@ -419,7 +396,7 @@ def _plan(run_dir: Path, metrics: list[dict]) -> list[tuple[str, str, Callable[[
     for f in cfiles:
         stem = "coupling_cells" if f.stem == "coupling" else f"coupling_cells_{f.stem.removeprefix('coupling').strip('_')}"
         plan.append((stem, f"Coupling by (same token?) x (both low confidence?), Fig. 2, from {f.name}",
-                     lambda f=f: fig_coupling(_read_table(f), f.name)))
+                     lambda f=f: fig_coupling(read_table(f), f.name)))
     kfiles = sorted(probes.glob("categories*.json")) if probes.is_dir() else []
     if not kfiles:
         plan.append(("token_categories", "Token categories (Fig. 4)", lambda: "no probes/categories*.json"))
@@ -429,7 +406,7 @@ def _plan(run_dir: Path, metrics: list[dict]) -> list[tuple[str, str, Callable[[
                      lambda f=f: fig_categories(json.loads(f.read_text()), f.name)))
     vfiles = sorted(probes.glob("value*.jsonl"), key=_step_key) if probes.is_dir() else []
     if not vfiles:
-        plan.append(("value_gap", "Token value (Fig. 5, Fig. 11)", lambda: "no probes/value*.jsonl (run `tokencredit probe value RUN_DIR --step N`)"))
+        plan.append(("value_gap", "Token value (Fig. 5, Fig. 11)", lambda: "no probes/value*.jsonl (run `tokencredit probe value --run RUN_DIR --step N`)"))
     for f in vfiles:
         tag = f.stem.removeprefix("value").strip("_") or "all"
         recs = _lazy(lambda f=f: read_jsonl(f))
@@ -473,10 +450,8 @@ def make_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     present = [n for n in ("config.yaml", "metrics.jsonl", "summary.json") if (run_dir / n).is_file()]
     if not present:
         raise FileNotFoundError(f"report: {run_dir} is not a run directory (no config.yaml, metrics.jsonl or summary.json)")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("tokencredit report needs matplotlib: pip install 'tokencredit[plots]'") from e
+    if importlib.util.find_spec("matplotlib") is None:  # pragma: no cover - depends on the install
+        raise ImportError("tokencredit report needs matplotlib: pip install 'tokencredit[plots]'")
 
     metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     summary = {}

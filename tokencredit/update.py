@@ -47,10 +47,11 @@ class LossSpec:
     kl_estimator: str = "k3"
 
     @classmethod
-    def from_config(cls, cfg) -> "LossSpec":
+    def from_config(cls, cfg, with_kl: bool = True) -> "LossSpec":
+        """The run's loss; with_kl=False drops the KL term (probes without a reference model)."""
         a = cfg.algo
         return cls(clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip, agg=a.loss_agg,
-                   denominator=cfg.token_weights.denominator, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator)
+                   denominator=cfg.token_weights.denominator, kl_coef=a.kl_coef if with_kl else 0.0, kl_estimator=a.kl_estimator)
 
 
 def micro_batches(batch: RolloutBatch, micro_rows: int) -> list[RolloutBatch]:
@@ -81,8 +82,9 @@ def optimizer_step(
     train_mode: bool = False,
 ) -> dict[str, list[float]]:
     """zero_grad, forward + backward of every micro-batch against one normaliser,
-    clip, optimizer.step(). Rows need `old_logprob` [B, T] and `advantage` [B] (or
-    [B, T]); `token_weight` and `ratio_weight` [B, T] are used when set.
+    clip, optimizer.step(). Rows need `old_logprob` [B, T] and `advantage` [B]
+    (per-token factors go in `token_weight` [B, T]); `token_weight` and
+    `ratio_weight` [B, T] are used when set.
 
     train_mode: the model's mode during the forwards (transformers checkpoints
     activations only in train mode); it is put back in eval mode afterwards.

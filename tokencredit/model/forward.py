@@ -156,14 +156,25 @@ def forward_rows(
 
 
 @torch.no_grad()
-def lm_head_inputs(model, batch: RolloutBatch) -> torch.Tensor:
-    """`[B, T, H]` float32, detached: the final (post-norm) hidden state that the
-    LM head maps to the logits predicting each response token; 0 on padding.
-    Probes (e.g. the output-layer coupling proxy) build on it."""
-    h_all, _, (b_idx, t_idx, pos) = _body(model, batch, with_hidden=False)
+def lm_head_inputs(model, batch: RolloutBatch, *, micro_rows: int | None = None) -> torch.Tensor:
+    """`[B, T, H]` float32, detached, on the model's device: the final (post-norm)
+    hidden state that the LM head maps to the logits predicting each response
+    token; 0 on padding. Probes (e.g. the output-layer coupling proxy) build on it.
+    micro_rows: rows per decoder pass (memory O(micro_rows * L * H) per layer);
+    None = the whole batch in one pass."""
     B, T = batch.response_ids.shape
-    h = h_all[b_idx, pos].float()  # [N, H]
-    return torch.zeros(B, T, h.shape[-1], dtype=torch.float32, device=h.device).index_put((b_idx, t_idx), h)
+    if micro_rows is not None and micro_rows < 1:
+        raise ValueError(f"micro_rows must be >= 1, got {micro_rows}")
+    step = B if micro_rows is None else micro_rows
+    out = None
+    for s in range(0, B, max(step, 1)) if B else [0]:
+        sub = batch if step >= B else batch.select(range(s, min(B, s + step)))  # select trims the padding columns
+        h_all, _, (b_idx, t_idx, pos) = _body(model, sub, with_hidden=False)
+        h = h_all[b_idx, pos].float()  # [n, H]
+        if out is None:
+            out = torch.zeros(B, T, h.shape[-1], dtype=torch.float32, device=h.device)  # [B, T, H]
+        out.index_put_((b_idx + s, t_idx), h)
+    return out
 
 
 def naive_token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> dict[str, torch.Tensor]:

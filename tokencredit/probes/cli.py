@@ -16,9 +16,9 @@ What it does
 Input (one of)
     --run RUN_DIR        the run's config.yaml and its latest checkpoint (or
                          --checkpoint DIR); a fresh rollout batch is sampled with
-                         the run's settings through the Trainer (prompts of the
-                         rollout step after the checkpoint, seed --seed) and saved
-                         as OUT/batch.safetensors + OUT/batch.json.
+                         the run's settings, as the trainer samples (prompts of the
+                         rollout step after the checkpoint, seed --seed; no Trainer
+                         is built), and saved as OUT/batch.safetensors + OUT/batch.json.
     --checkpoint DIR     alone: RUN_DIR is DIR/../.. when that holds config.yaml.
     --model NAME         a raw model (alias, directory, cached hub id) with the
                          default config; --out is then required.
@@ -26,6 +26,9 @@ Input (one of)
                          any probe command) instead of sampling: run all three
                          probes on the same batch this way.
     key=value ...        config overrides (as for `tokencredit train`).
+    --threads N, --device D   torch threads (default model.threads), device
+                         (default model.device). All of this is resolved once, for
+                         every probe, in tokencredit/probes/context.py.
 
 Output (OUT = --out, default RUN_DIR/probes)
     polarity_tokens.parquet, polarity.jsonl, polarity_summary.txt, categories_polarity.json
@@ -37,9 +40,8 @@ Output (OUT = --out, default RUN_DIR/probes)
 
 Simplifications
     The polarity update is one optimizer step on the whole batch (the trainer
-    may split a rollout batch into mini-batches); see polarity.py. The
-    Trainer used to sample lives in a temporary directory: nothing in RUN_DIR
-    except OUT is written.
+    may split a rollout batch into mini-batches); see polarity.py. Nothing
+    outside OUT is written.
 
 Try it
     tokencredit probe masking --run runs/my-run --candidates 64 --full-candidates 8
@@ -55,137 +57,16 @@ import math
 import platform
 import shlex
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from tokencredit.probes.context import ProbeContext, load_context
+from tokencredit.rundir import write_jsonl, write_parquet
+from tokencredit.update import LossSpec
+
 log = logging.getLogger("tokencredit.probes")
-
-
-# ----------------------------------------------------------------------------
-# batch files
-# ----------------------------------------------------------------------------
-
-
-def save_batch(batch, path: str | Path) -> Path:
-    """RolloutBatch -> PATH.safetensors (tensors) + PATH.json (pad_id, lists)."""
-    from safetensors.torch import save_file
-
-    p = Path(path).with_suffix(".safetensors")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    sd = batch.state_dict()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    meta = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
-    save_file(tensors, str(p))
-    p.with_suffix(".json").write_text(json.dumps(meta))
-    return p
-
-
-def load_batch(path: str | Path):
-    """Inverse of ``save_batch``; PATH may name either file or the common stem."""
-    from safetensors.torch import load_file
-
-    from tokencredit.batch import RolloutBatch
-
-    p = Path(path)
-    st, js = p.with_suffix(".safetensors"), p.with_suffix(".json")
-    if not st.is_file() or not js.is_file():
-        raise FileNotFoundError(f"--batch {path}: need {st.name} and {js.name} side by side (written by `tokencredit probe ...`)")
-    d: dict[str, Any] = dict(load_file(str(st)))
-    d.update(json.loads(js.read_text()))
-    return RolloutBatch.from_state_dict(d)
-
-
-# ----------------------------------------------------------------------------
-# model + batch from --run / --checkpoint / --model / --batch
-# ----------------------------------------------------------------------------
-
-
-@dataclass
-class Context:
-    model: Any
-    tokenizer: Any
-    batch: Any
-    cfg: Any
-    out: Path
-    temperature: float
-    source: dict[str, Any] = field(default_factory=dict)
-    optimizer_state: dict | None = None
-
-
-def _load(args) -> Context:
-    from tokencredit.checkpoint import latest_checkpoint, load_checkpoint
-    from tokencredit.config import ConfigError, load_config
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run = Path(args.run) if args.run else None
-    ck = Path(args.checkpoint) if args.checkpoint else None
-    if ck is not None and not ck.is_dir():
-        raise FileNotFoundError(f"--checkpoint {ck}: no such directory")
-    if run is None and ck is not None and (ck.parent.parent / "config.yaml").is_file():
-        run = ck.parent.parent
-    if run is not None:
-        if not (run / "config.yaml").is_file():
-            raise FileNotFoundError(f"--run {run}: not a run directory (no config.yaml)")
-        cfg = load_config(run / "config.yaml", args.overrides)
-        if args.model:
-            cfg.model.name = args.model
-    elif args.model:
-        cfg = load_config(None, list(args.overrides) + [f"model.name={args.model}"])
-    else:
-        raise ConfigError("probe: give --run RUN_DIR, --checkpoint DIR or --model NAME")
-    if args.out:
-        out = Path(args.out)
-    elif run is not None:
-        out = run / "probes"
-    else:
-        raise ConfigError("probe: --out DIR is required with --model (there is no run directory)")
-    if ck is None and run is not None and not args.model:
-        ck = latest_checkpoint(run / "checkpoints")
-        if ck is None:
-            log.warning("probe: %s has no checkpoint; using the run's initial model %s", run, cfg.model.name)
-    temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-    source: dict[str, Any] = {"model": cfg.model.name, "run": str(run) if run else None, "checkpoint": str(ck) if ck else None}
-
-    state: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="tokencredit-probe-") as tmp:
-        if args.batch:
-            from tokencredit.model import load_model
-            from tokencredit.trainer import resolve_device
-
-            batch = load_batch(args.batch)
-            model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, device=str(resolve_device(cfg.model.device)))
-            if ck is not None:
-                state = load_checkpoint(ck, model)
-            source["batch"] = str(args.batch)
-        else:
-            from tokencredit.trainer import Trainer
-
-            cfg.eval.num_problems = 0
-            cfg.output.progress = False
-            cfg.output.report_to = []  # this Trainer only samples; the probe's numbers go to the run's trackers (_track)
-            trainer = Trainer(cfg, run_dir=tmp)
-            model, tok = trainer.model, trainer.tokenizer
-            if ck is not None:
-                state = load_checkpoint(ck, model)
-                trainer.rollout_step = int(state.get("rollout_step", 0))
-                trainer.policy_version = int(state.get("policy_version", 0))
-            torch.manual_seed(args.seed)
-            t0 = time.perf_counter()
-            batch, m = trainer.rollout()
-            path = save_batch(batch, out / "batch")
-            source.update({"batch": f"sampled (rollout step {trainer.rollout_step + 1} prompts, seed {args.seed}), saved to {path}",
-                           "reward_mean": m["reward_mean"], "sample_s": round(time.perf_counter() - t0, 1)})
-            del trainer
-    model.eval()
-    if batch.advantage is None:
-        raise FileNotFoundError(f"--batch {args.batch}: the batch has no advantages")
-    return Context(model, tok, batch, cfg, out, temperature, source, state.get("optimizer"))
 
 
 # ----------------------------------------------------------------------------
@@ -193,21 +74,7 @@ def _load(args) -> Context:
 # ----------------------------------------------------------------------------
 
 
-def _write_parquet(cols: dict[str, list], path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(cols), path)
-
-
-def _write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
-    path.write_text("".join(json.dumps({k: clean(v) for k, v in r.items()}) + "\n" for r in rows))
-
-
-def _header(ctx: Context, title: str) -> list[str]:
+def _header(ctx: ProbeContext, title: str) -> list[str]:
     b = ctx.batch
     adv = b.advantage
     lines = [
@@ -223,7 +90,7 @@ def _header(ctx: Context, title: str) -> list[str]:
     return [x for x in lines if x]
 
 
-def _finish(ctx: Context, name: str, lines: list[str]) -> None:
+def _finish(ctx: ProbeContext, name: str, lines: list[str]) -> None:
     text = "\n".join(lines) + "\n"
     ctx.out.mkdir(parents=True, exist_ok=True)
     (ctx.out / f"{name}_summary.txt").write_text(text)
@@ -231,7 +98,7 @@ def _finish(ctx: Context, name: str, lines: list[str]) -> None:
     print(f"written to {ctx.out}/ ({name}_*)")
 
 
-def _track(ctx: Context, name: str, numbers: dict[str, Any]) -> None:
+def _track(ctx: ProbeContext, name: str, numbers: dict[str, Any]) -> None:
     """Send a probe's summary numbers (nested dicts of numbers; keys probe/NAME/...) to
     the trackers configured for the probed run (output.report_to in its config.yaml).
     A tracker that fails costs a warning, never the probe's results (already on disk)."""
@@ -262,7 +129,7 @@ def _f(v: float | None, fmt: str) -> str:
 def cmd_polarity(args) -> int:
     from tokencredit.probes.polarity import VARIANTS, adamw_update, polarity_probe
 
-    ctx = _load(args)
+    ctx = load_context(args)
     cfg = ctx.cfg
     kw = dict(temperature=ctx.temperature, chunk_tokens=cfg.model.chunk_tokens, micro_rows=args.micro_rows)
     eps = cfg.probes.flip.eps if args.eps is None else args.eps
@@ -273,9 +140,8 @@ def cmd_polarity(args) -> int:
     else:
         st = ctx.optimizer_state
         lr = args.lr if args.lr is not None else (None if st is not None else cfg.train.lr)
-        a = cfg.algo
         update = adamw_update(lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
-                              clip_low=a.clip_low, clip_high=a.clip_high, loss_agg=a.loss_agg, optimizer_state=st, **kw)
+                              spec=LossSpec.from_config(cfg, with_kl=False), optimizer_state=st, **kw)
         eff = lr if lr is not None else st["param_groups"][0]["lr"]
         lr_desc = f"AdamW lr {eff:g}, " + ("optimizer state from the checkpoint" if st is not None else "fresh optimizer state") + \
             ", one step on the whole batch (policy_loss)"
@@ -283,13 +149,13 @@ def cmd_polarity(args) -> int:
     table, summary = polarity_probe(ctx.model, ctx.batch, update=update, lr=lr, eps=eps, **kw)
     dt = time.perf_counter() - t0
     table["token_text"] = [ctx.tokenizer.decode([t]) for t in table["token_id"]]
-    _write_parquet(table, ctx.out / "polarity_tokens.parquet")
+    write_parquet(ctx.out / "polarity_tokens.parquet", table)
     rows = []
     for v in VARIANTS:
         for sub in ("pos", "neg", "all"):
             s = summary[v]
             rows.append({"variant": v, "subset": sub, **{k: s[f"flip_{sub}_{k}"] for k in ("boosted", "suppressed", "stable", "mean_abs", "tokens")}})
-    _write_jsonl(rows + [{"variant": "grpo_vs_positive_only", "sign_agreement": summary["sign_agreement"]}], ctx.out / "polarity.jsonl")
+    write_jsonl(ctx.out / "polarity.jsonl", rows + [{"variant": "grpo_vs_positive_only", "sign_agreement": summary["sign_agreement"]}])
     try:
         from tokencredit.probes.categories import category_mass, write_category_json
 
@@ -344,7 +210,7 @@ def cmd_masking(args) -> int:
         raise ConfigError(f"--low-conf {args.low_conf:g}: with --confidence prob it is a probability in (0, 1]")
     if args.confidence == "entropy" and not 0.0 <= args.low_conf < 1.0:
         raise ConfigError(f"--low-conf {args.low_conf:g}: with --confidence entropy it is a quantile in [0, 1)")
-    ctx = _load(args)
+    ctx = load_context(args)
     t0 = time.perf_counter()
     tables, summary = masking_probe(
         ctx.model, ctx.batch, n_candidates=args.candidates, n_full=args.full_candidates, threshold=args.low_conf,
@@ -355,9 +221,9 @@ def cmd_masking(args) -> int:
     dt = time.perf_counter() - t0
     summary["time_s"] = dt
     summary["source"] = ctx.source
-    _write_parquet(tables["candidates"], ctx.out / "masking_candidates.parquet")
-    _write_parquet(tables["tokens"], ctx.out / "masking_tokens.parquet")
-    _write_jsonl(summary["table"], ctx.out / "masking.jsonl")
+    write_parquet(ctx.out / "masking_candidates.parquet", tables["candidates"])
+    write_parquet(ctx.out / "masking_tokens.parquet", tables["tokens"])
+    write_jsonl(ctx.out / "masking.jsonl", summary["table"])
     (ctx.out / "masking_summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
     lines = _header(ctx, "Masking effect (cancellation paper Table 1) and LM-head vs full sign agreement (App. D.1)")
@@ -409,28 +275,28 @@ def cmd_masking(args) -> int:
 def cmd_coupling(args) -> int:
     from tokencredit.model.forward import lm_head_inputs
     from tokencredit.probes.coupling import coupling_cells, coupling_pairs, predicted_shift
+    from tokencredit.probes.lm_head import lm_head_of
     from tokencredit.probes.masking import eq2_weights
 
-    ctx = _load(args)
+    ctx = load_context(args)
     b = ctx.batch
     rows, pos = (b.response_mask > 0).nonzero(as_tuple=True)
     t0 = time.perf_counter()
-    h = lm_head_inputs(ctx.model, b)[rows, pos].cpu()  # (N, d) final hidden states
-    head = ctx.model.get_output_embeddings()
-    W = head.weight.detach().float().cpu()
-    bias = None if getattr(head, "bias", None) is None else head.bias.detach().float().cpu()
+    h = lm_head_inputs(ctx.model, b, micro_rows=args.micro_rows)[rows, pos].cpu()  # [N, d] final hidden states
+    W, bias, tf = lm_head_of(ctx.model, ctx.temperature)  # [V, d], [V] or None (float32 CPU), the model's logit transform
+    lm = dict(bias=bias, temperature=tf.temperature, logit_scale=tf.logit_scale, softcap=tf.softcap)
     o = b.response_ids[rows, pos]
     A = eq2_weights(b)[rows, pos]
     gen = torch.Generator().manual_seed(args.seed)
-    pairs = coupling_pairs(h, W, o, A, args.confidence, args.pairs, gen, args.low_conf, bias=bias, temperature=ctx.temperature)
+    pairs = coupling_pairs(h, W, o, A, args.confidence, args.pairs, gen, args.low_conf, **lm)
     cells = coupling_cells(pairs)
-    shift = predicted_shift(h, W, o, A, args.eta, bias=bias, temperature=ctx.temperature)
+    shift = predicted_shift(h, W, o, A, args.eta, **lm)
     dt = time.perf_counter() - t0
 
     cols = {k: v.tolist() for k, v in pairs.items()}
     cols["token_j"], cols["token_k"] = o[pairs["j"]].tolist(), o[pairs["k"]].tolist()
-    _write_parquet(cols, ctx.out / "coupling_pairs.parquet")
-    _write_jsonl([{"cell": k, **v} for k, v in cells.items()], ctx.out / "coupling_cells.jsonl")
+    write_parquet(ctx.out / "coupling_pairs.parquet", cols)
+    write_jsonl(ctx.out / "coupling_cells.jsonl", [{"cell": k, **v} for k, v in cells.items()])
     d, st, sm, df = (shift[k] for k in ("delta", "self_term", "same_token", "diff_token"))
     flip = ((torch.sign(d) != torch.sign(st)) & (A != 0)).double()
 
@@ -468,8 +334,8 @@ def _common(p) -> None:
     p.add_argument("--out", metavar="DIR", help="output directory (default RUN_DIR/probes)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling the batch and for the probe's own draws")
     p.add_argument("--micro-rows", type=int, default=8, help="rows per forward/backward (memory only; results do not depend on it)")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: model.threads, else torch's default)")
+    p.add_argument("--device", default=None, help="device (default: model.device; auto = cuda when available)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rollout.prompts_per_step=4")
 
 
@@ -512,6 +378,7 @@ def add_cli(subparsers) -> None:
                     "readings (a) and (c) are always reported")
     pm.add_argument("--lr", type=float, default=0.1, help="SGD step size (paper: 0.1)")
     pm.add_argument("--modes", nargs="+", choices=("lm_head", "full"), default=["lm_head", "full"])
+    pm.add_argument("--no-progress", action="store_true", help="no progress bar over the candidates")
     pm.set_defaults(func=cmd_masking)
 
     pc = sub.add_parser("coupling", help="Fig. 2 coupling cells from sampled token pairs",
@@ -526,4 +393,4 @@ def add_cli(subparsers) -> None:
 
     from tokencredit.probes import value
 
-    value.add_cli(sub)  # `tokencredit probe value RUN_DIR --step N` (Eq. 20, cancellation paper App. E.2)
+    value.add_cli(sub)  # `tokencredit probe value --run RUN_DIR --step N` (Eq. 20, cancellation paper App. E.2)

@@ -11,9 +11,13 @@ What it does
     log-prob is
 
         delta_j = eta/N sum_k A_k <h_j, h_k> phi_jk                     (Eq. 9)
-                = eta/N r_j^T (G h_j),   G = sum_k A_k r_k h_k^T  [V, d]
+                = eta/N rho_j^T (G h_j),   G = sum_k A_k rho_k h_k^T  [V, d]
 
-    with r_j = e_{o_j} - pi_j (Eq. 6) and phi_jk = <r_j, r_k> (Eq. 8).
+    with rho_j the score of token j in head-output space (``lm_head``): without
+    logit scale, softcap and temperature rho_j = r_j = e_{o_j} - pi_j (Eq. 6),
+    G = sum_k A_k r_k h_k^T and phi_jk = <r_j, r_k> (Eq. 8); in general the
+    kernel is K_jk = <h_j, h_k> <rho_j, rho_k>. G is ``lm_head.lm_head_grad``,
+    the one LM-head gradient that ``masking.lm_head_masking`` uses too.
     ``predicted_shift`` gets all N deltas with O(N V d) work (two passes over
     row chunks, never an [N, V] or [N, N] tensor) and splits each delta into
     self term (k = j), same-token coupling (k != j, o_k = o_j) and
@@ -26,16 +30,20 @@ Conventions (read before comparing numbers)
     * ``eta`` is the SGD step size on J *including* J's 1/N, i.e.
       W' = W + eta * dJ/dW (Eq. 3), so predictions carry the factor eta/N.
       ``lm_head_grad_step(..., lr=eta)`` uses the same convention.
-    * Logits are z = (W h + b) / temperature. With temperature tau the score is
-      d log pi / dW = r h^T / tau, so every kernel value is multiplied by
-      1/tau^2. temperature=1 (the default) is the paper's setting.
+    * Logits are z = softcap(logit_scale * (W h + b)) / temperature, the
+      transform of ``tokencredit.model.forward`` (``lm_head.LogitTransform``;
+      pass the model's logit_scale / softcap, ``lm_head.lm_head_of`` reads
+      them). Without softcap the score is d log pi / dW = (logit_scale / tau)
+      r h^T, so every kernel value is multiplied by (logit_scale / tau)^2.
+      temperature=1, no scale, no softcap (the defaults) is the paper's setting.
     * ``A`` is the per-token weight: the advantage of the token's rollout with
       any importance ratio / clip mask / loss normaliser folded in (Eq. 2).
       Tokens that are not in the loss should get A = 0 or be dropped.
-    * ``phi`` is always exact (Eq. 8). Eq. 10's same-token form
-      (1 - pi_j(o))(1 - pi_k(o)) is an approximation: it drops
-      sum_{v != o} pi_j(v) pi_k(v); it is reported as ``phi_eq10`` by
-      ``coupling_pairs`` for comparison. For different tokens Eq. 10 is exact.
+    * ``phi`` is always exact (Eq. 8, <r_j, r_k> with the transformed logits'
+      softmax). Eq. 10's same-token form (1 - pi_j(o))(1 - pi_k(o)) is an
+      approximation: it drops sum_{v != o} pi_j(v) pi_k(v); it is reported as
+      ``phi_eq10`` by ``coupling_pairs`` for comparison. For different tokens
+      Eq. 10 is exact.
 
 Simplifications
     * Only the LM-head weight is perturbed; the bias (if any) and the hidden
@@ -49,10 +57,10 @@ Try it
     from tokencredit.probes.coupling import predicted_shift, lm_head_grad_step
     model, tok = build_tiny()
     ids = tok("hello hello world", return_tensors="pt").input_ids
-    h = model.model(ids).last_hidden_state[0, :-1].detach()   # (N, d)
-    o = ids[0, 1:]                                            # (N,)
-    A = torch.ones(len(o))                                    # (N,)
-    W = model.get_output_embeddings().weight.detach()         # (V, d)
+    h = model.model(ids).last_hidden_state[0, :-1].detach()   # [N, d]
+    o = ids[0, 1:]                                            # [N]
+    A = torch.ones(len(o))                                    # [N]
+    W = model.get_output_embeddings().weight.detach()         # [V, d]
     pred = predicted_shift(h, W, o, A, eta=1e-3)
     real = lm_head_grad_step(model, h, o, A, lr=1e-3)["delta_logp"]
 """
@@ -62,6 +70,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from tokencredit.probes.lm_head import LogitTransform, _rowdot, dense_scores, lm_head_grad, score_dot, score_rows
 
 __all__ = [
     "predicted_shift",
@@ -78,28 +88,21 @@ __all__ = [
 # ----------------------------------------------------------------------------
 
 
-def _logits(h: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    """z = (W h + b) / tau for a block of rows. h (c, d), W (V, d) -> (c, V)."""
-    z = h @ W.T  # (c, V)
+def _logits(h: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, tf: LogitTransform) -> torch.Tensor:
+    """z = tf(W h + b) for a block of rows. h [c, d], W [V, d] -> [c, V]."""
+    u = h @ W.T  # [c, V]
     if bias is not None:
-        z = z + bias
-    if temperature != 1.0:
-        z = z / temperature
-    return z
-
-
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product without a (c, V) temporary. a, b (c, V) -> (c,)"""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+        u = u + bias
+    return tf(u)
 
 
 def _prep(h, W, o, A, bias):
     """Validate shapes; cast W, A, bias to h's dtype. Returns (h, W, o, A, bias)."""
     if h.dim() != 2 or W.dim() != 2 or h.shape[1] != W.shape[1]:
-        raise ValueError(f"expected h (N, d) and W (V, d); got {tuple(h.shape)} and {tuple(W.shape)}")
+        raise ValueError(f"expected h [N, d] and W [V, d]; got {tuple(h.shape)} and {tuple(W.shape)}")
     N = h.shape[0]
     if o.shape != (N,) or A.shape != (N,):
-        raise ValueError(f"expected o and A of shape ({N},); got {tuple(o.shape)} and {tuple(A.shape)}")
+        raise ValueError(f"expected o and A of shape [{N}]; got {tuple(o.shape)} and {tuple(A.shape)}")
     dt = h.dtype
     W = W.detach().to(dt)
     A = A.detach().to(dt)
@@ -110,29 +113,29 @@ def _prep(h, W, o, A, bias):
 def _id_groups(o: torch.Tensor, min_size: int = 1) -> list[torch.Tensor]:
     """Token indices grouped by id (ids ascending), groups of size >= min_size.
 
-    o (N,) -> list of index tensors, each (n_v,), indices ascending within a group.
+    o [N] -> list of index tensors, each [n_v], indices ascending within a group.
     """
-    order = torch.argsort(o, stable=True)  # (N,)
+    order = torch.argsort(o, stable=True)  # [N]
     _, counts = torch.unique_consecutive(o[order], return_counts=True)
     groups = torch.split(order, counts.tolist())
     return [g for g in groups if g.numel() >= min_size]
 
 
-def _pack_groups(groups: list[torch.Tensor], chunk: int):
-    """Pack whole id groups into row batches of at most `chunk` rows.
+def _pack_groups(groups: list[torch.Tensor], chunk_tokens: int):
+    """Pack whole id groups into row batches of at most `chunk_tokens` rows.
 
-    Returns (batches, big): batches is a list of (idx (m,), [(offset, n), ...])
+    Returns (batches, big): batches is a list of (idx [m], [(offset, n), ...])
     where each (offset, n) is a whole group with n >= 2 inside idx; big lists
-    the groups with more than `chunk` tokens (handled block-wise).
+    the groups with more than `chunk_tokens` tokens (handled block-wise).
     """
     batches, big = [], []
     cur, members, rows = [], [], 0
     for g in groups:
         n = g.numel()
-        if n > chunk:
+        if n > chunk_tokens:
             big.append(g)
             continue
-        if rows + n > chunk and cur:
+        if rows + n > chunk_tokens and cur:
             batches.append((torch.cat(cur), members))
             cur, members, rows = [], [], 0
         if n >= 2:
@@ -144,67 +147,68 @@ def _pack_groups(groups: list[torch.Tensor], chunk: int):
     return batches, big
 
 
-def _same_phi_block(Pa, Pb, pva, pvb):
-    """Exact same-token phi (Eq. 8 with o_j = o_k = v) for two row blocks.
-
-    Pa (a, V), Pb (b, V) softmax rows; pva (a,), pvb (b,) their prob of v.
-    phi_jk = 1 - pi_j(v) - pi_k(v) + <pi_j, pi_k>  ->  (a, b)
-    """
-    return 1.0 - pva[:, None] - pvb[None, :] + Pa @ Pb.T
-
-
-def _same_in_groups(pi, Hb, Ab, vb, members, max_rows):
+def _same_in_groups(q, sc, Hb, Ab, vb, members, max_rows):
     """Same-token sums for many small id groups held in one batch, bucketed bmm.
 
-    pi (m, V) softmax rows of the batch, Hb (m, d), Ab (m,), vb (m,) ids;
-    members: [(offset, n), ...] whole groups (n >= 2) as row ranges of the batch.
-    Returns (m,): S_j = sum_{k != j, o_k = o_j} A_k <h_j,h_k> phi_jk (0 for rows
-    outside members). Groups are padded to the next power of two and run as
-    one batched matmul per size bucket (few large ops instead of one tiny op
+    (q [m, V], sc [m]) the batch's scores rho_j = sc_j e_{o_j} - q_j
+    (``lm_head.score_rows``), Hb [m, d], Ab [m], vb [m] ids; members:
+    [(offset, n), ...] whole groups (n >= 2) as row ranges of the batch.
+    Returns [m]: S_j = sum_{k != j, o_k = o_j} A_k <h_j,h_k> <rho_j,rho_k> (0 for
+    rows outside members). Groups are padded to the next power of two and run
+    as one batched matmul per size bucket (few large ops instead of one tiny op
     per group); padded rows repeat a real row with weight 0. At most
     max(max_rows, padded group size) rows are gathered at once, so extra
-    memory is below 2 * max_rows * V floats.
+    memory is below max_rows * V floats.
     """
-    out = torch.zeros(pi.shape[0], dtype=pi.dtype, device=pi.device)
+    out = torch.zeros(q.shape[0], dtype=q.dtype, device=q.device)
     buckets: dict[int, list[tuple[int, int]]] = {}
     for off, n in members:
         buckets.setdefault(1 << (n - 1).bit_length(), []).append((off, n))
     for size, lst in buckets.items():
         per = max(1, max_rows // size)
-        ar = torch.arange(size, device=pi.device)
+        ar = torch.arange(size, device=q.device)
         for i in range(0, len(lst), per):
-            offs = torch.tensor([x[0] for x in lst[i : i + per]], device=pi.device)  # (g,)
-            ns = torch.tensor([x[1] for x in lst[i : i + per]], device=pi.device)  # (g,)
-            valid = ar[None, :] < ns[:, None]  # (g, s)
-            rows = offs[:, None] + torch.minimum(ar[None, :], ns[:, None] - 1)  # (g, s)
-            P = pi[rows]  # (g, s, V)
-            H = Hb[rows]  # (g, s, d)
-            a = Ab[rows] * valid  # (g, s), padding gets weight 0
-            pv = P.gather(2, vb[rows].unsqueeze(-1)).squeeze(-1)  # (g, s) pi_j(v)
-            # phi_jk = 1 - pi_j(v) - pi_k(v) + <pi_j, pi_k>   (Eq. 8, o_j = o_k = v)
-            phi = 1.0 - pv[:, :, None] - pv[:, None, :] + torch.bmm(P, P.transpose(1, 2))  # (g, s, s)
-            del P
-            K = torch.bmm(H, H.transpose(1, 2)).mul_(phi)  # (g, s, s) <h_j,h_k> phi_jk   (Eq. 7)
+            offs = torch.tensor([x[0] for x in lst[i : i + per]], device=q.device)  # [g]
+            ns = torch.tensor([x[1] for x in lst[i : i + per]], device=q.device)  # [g]
+            valid = ar[None, :] < ns[:, None]  # [g, s]
+            rows = offs[:, None] + torch.minimum(ar[None, :], ns[:, None] - 1)  # [g, s]
+            Q = q[rows]  # [g, s, V]
+            H = Hb[rows]  # [g, s, d]
+            a = Ab[rows] * valid  # [g, s], padding gets weight 0
+            qv = Q.gather(2, vb[rows].unsqueeze(-1)).squeeze(-1)  # [g, s] q_j(v)
+            sv = sc[rows]  # [g, s]
+            # <rho_j, rho_k> = s_j s_k - s_j q_k(v) - s_k q_j(v) + <q_j, q_k>   (Eq. 8, o_j = o_k = v)
+            phi = torch.bmm(Q, Q.transpose(1, 2))  # [g, s, s]
+            del Q
+            phi += sv[:, :, None] * sv[:, None, :] - sv[:, :, None] * qv[:, None, :] - sv[:, None, :] * qv[:, :, None]
+            K = torch.bmm(H, H.transpose(1, 2)).mul_(phi)  # [g, s, s] <h_j,h_k> <rho_j,rho_k>   (Eq. 7)
             K.diagonal(dim1=1, dim2=2).zero_()  # k != j: the diagonal is the self term
-            res = torch.bmm(K, a.unsqueeze(-1)).squeeze(-1)  # (g, s)
+            res = torch.bmm(K, a.unsqueeze(-1)).squeeze(-1)  # [g, s]
             out[rows[valid]] = res[valid]
     return out
 
 
-def _same_in_big_group(probs, h, A, g, v, chunk, out):
-    """Same-token sum for a group larger than `chunk`, block pair by block pair.
+def _same_block(qa, sa, qb, sb, v):
+    """<rho_j, rho_k> [a, b] for two row blocks of one id group v (``_same_in_groups``' formula)."""
+    qva, qvb = qa[:, v], qb[:, v]  # [a], [b]
+    return qa @ qb.T + sa[:, None] * sb[None, :] - sa[:, None] * qvb[None, :] - sb[None, :] * qva[:, None]
 
-    probs: idx (m,) -> (m, V) softmax rows. Adds into out (N,). Memory is
-    O(chunk * V + chunk^2); the second block's probabilities are recomputed.
+
+def _same_in_big_group(scores_of, h, A, g, v, chunk_tokens, out):
+    """Same-token sum for a group larger than `chunk_tokens`, block pair by block pair.
+
+    scores_of: idx [m] -> (q [m, V], s [m]) (``lm_head.score_rows``); v the
+    group's id. Adds into out [N]. Memory is O(chunk_tokens * V +
+    chunk_tokens^2); the second block's scores are recomputed.
     """
-    blocks = torch.split(g, chunk)
+    blocks = torch.split(g, chunk_tokens)
     for a, ga in enumerate(blocks):
-        Pa = probs(ga)  # (ca, V)
-        Ha, pva = h[ga], Pa[:, v]
+        qa, sa = scores_of(ga)  # [ca, V], [ca]
+        Ha = h[ga]
         for b in range(a, len(blocks)):
             gb = blocks[b]
-            Pb = Pa if b == a else probs(gb)  # (cb, V)
-            Kab = (Ha @ h[gb].T) * _same_phi_block(Pa, Pb, pva, Pb[:, v])  # (ca, cb)
+            qb, sb = (qa, sa) if b == a else scores_of(gb)  # [cb, V], [cb]
+            Kab = (Ha @ h[gb].T) * _same_block(qa, sa, qb, sb, v)  # [ca, cb]
             if b == a:
                 Kab.fill_diagonal_(0.0)
                 out[ga] += Kab @ A[ga]
@@ -226,26 +230,27 @@ def token_stats(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk: int = 1024,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_tokens: int = 1024,
 ) -> dict[str, torch.Tensor]:
     """Per-token confidence statistics, computed in row chunks.
 
-    h (N, d), W (V, d), o (N,) -> dict of (N,) tensors:
+    h [N, d], W [V, d], o [N] -> dict of [N] tensors:
       p_own   pi_j(o_j), the prob of the token actually emitted
       entropy H(pi_j) in nats
       pi_sq   ||pi_j||^2
     """
     h, W, o, _, bias = _prep(h, W, o, torch.zeros(h.shape[0]), bias)
+    tf = LogitTransform(logit_scale, softcap, temperature)
     N = h.shape[0]
-    p_own, ent, pi_sq = (torch.empty(N, dtype=h.dtype, device=h.device) for _ in range(3))
-    for s in range(0, N, chunk):
-        sl = slice(s, min(s + chunk, N))
-        logp = torch.log_softmax(_logits(h[sl], W, bias, temperature), dim=-1)  # (c, V)
-        pi = logp.exp()  # (c, V)
-        p_own[sl] = pi.gather(1, o[sl, None]).squeeze(1)
-        pi_sq[sl] = (pi * pi).sum(1)
-        ent[sl] = -(pi * logp).sum(1)
-    return {"p_own": p_own, "entropy": ent, "pi_sq": pi_sq}
+    out = {k: torch.empty(N, dtype=h.dtype, device=h.device) for k in ("p_own", "entropy", "pi_sq")}
+    for s in range(0, N, chunk_tokens):
+        sl = slice(s, min(s + chunk_tokens, N))
+        _, _, st = score_rows(h[sl], W, o[sl], bias, tf)
+        for k, v in out.items():
+            v[sl] = st[k]
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -260,96 +265,69 @@ def predicted_shift(
     o: torch.Tensor,
     A: torch.Tensor,
     eta: float,
-    chunk: int = 1024,
+    chunk_tokens: int = 1024,
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """First-order change of every token's log-prob after one LM-head SGD step.
 
     Args:
-        h: (N, d) final hidden states (input of the LM head), fixed.
-        W: (V, d) LM-head weight. bias: optional (V,), held fixed.
-        o: (N,) emitted token ids. A: (N,) per-token weights (Eq. 2).
+        h: [N, d] final hidden states (input of the LM head), fixed.
+        W: [V, d] LM-head weight. bias: optional [V], held fixed.
+        o: [N] emitted token ids. A: [N] per-token weights (Eq. 2).
         eta: step size on J (which carries 1/N), W' = W + eta dJ/dW (Eq. 3).
-        chunk: rows per block; extra memory ~ 3 * chunk * V + V * d floats
-            (two reused (chunk, V) buffers, the gradient G, one gather).
-        temperature: logits are z / temperature; kernel gets 1/temperature^2.
+        chunk_tokens: rows per block; extra memory ~ 3 * chunk_tokens * V + V * d
+            floats (score rows, G h_j, one gather, the gradient G).
+        temperature, logit_scale, softcap: the logit transform (module
+            docstring); without softcap the kernel gets (logit_scale/temperature)^2.
 
-    Returns dict of (N,) tensors:
-        delta       eta/N sum_k A_k <h_j,h_k> phi_jk                  (Eq. 9)
-        self_term   eta/N A_j <h_j,h_j> phi_jj                  (k = j in Eq. 9)
-        same_token  eta/N sum_{k!=j, o_k=o_j} A_k <h_j,h_k> phi_jk
+    Returns dict of [N] tensors:
+        delta       eta/N sum_k A_k K_jk                              (Eq. 9)
+        self_term   eta/N A_j K_jj                              (k = j in Eq. 9)
+        same_token  eta/N sum_{k!=j, o_k=o_j} A_k K_jk
         diff_token  delta - self_term - same_token (pairs with o_k != o_j)
         p_own, entropy   per-token confidence (see ``token_stats``)
+    with K_jk = <h_j,h_k> <rho_j,rho_k> (= <h_j,h_k> phi_jk without transform).
     """
     h, W, o, A, bias = _prep(h, W, o, A, bias)
-    N, d = h.shape
-    V = W.shape[0]
-    scale = eta / (N * temperature**2)
-    ar = lambda n: torch.arange(n, device=h.device)  # noqa: E731
+    tf = LogitTransform(logit_scale, softcap, temperature)
+    N = h.shape[0]
+    scale = eta / N
 
-    # Two reusable (chunk, V) buffers: no per-chunk allocation of big tensors.
-    rows_max = min(chunk, N)
-    zb = torch.empty(rows_max, V, dtype=h.dtype, device=h.device)
-    pb = torch.empty(rows_max, V, dtype=h.dtype, device=h.device)
+    # Pass 1: G = sum_k A_k rho_k h_k^T  [V, d], the LM-head gradient of N * J (Eq. 2)
+    G = lm_head_grad(h, W, o, A, bias=bias, transform=tf, chunk_tokens=chunk_tokens)
 
-    def shifted_logits(hr):  # hr (c, d) -> zb[:c] = z - max_v z, (c, V)
-        z = torch.matmul(hr, W.T, out=zb[: hr.shape[0]])
-        if bias is not None:
-            z.add_(bias)
-        if temperature != 1.0:
-            z.div_(temperature)
-        return z.sub_(z.amax(1, keepdim=True))
-
-    # Pass 1: G = sum_k A_k r_k h_k^T  (V, d), the LM-head gradient of Eq. 2
-    # (times N * temperature), accumulated chunk by chunk.
-    G = torch.zeros(V, d, dtype=h.dtype, device=h.device)
-    p_own, ent, pi_sq = (torch.empty(N, dtype=h.dtype, device=h.device) for _ in range(3))
-    for s in range(0, N, chunk):
-        sl = slice(s, min(s + chunk, N))
-        c = sl.stop - s
-        z = shifted_logits(h[sl])  # (c, V)
-        R = torch.exp(z, out=pb[:c])  # (c, V) unnormalised probs for now
-        tot = R.sum(1)  # (c,)
-        ent[sl] = tot.log() - _rowdot(R, z) / tot  # H(pi) = log sum e^z - E_pi[z]
-        R.div_(tot[:, None])  # pi_j
-        p_own[sl] = R[ar(c), o[sl]]
-        pi_sq[sl] = _rowdot(R, R)
-        R.neg_()[ar(c), o[sl]] += 1.0  # r_j = e_{o_j} - pi_j   (Eq. 6)
-        G.addmm_(R.T, A[sl, None] * h[sl])  # G += sum_k r_k (A_k h_k)^T
-
-    # Pass 2: delta_j = eta/N r_j^T (G h_j) = eta/N [(G h_j)[o_j] - pi_j^T (G h_j)]  (Eq. 9)
-    # Rows are visited in id-sorted batches of whole groups, so the softmax rows
-    # computed here also serve the same-token sums (no extra logits pass).
-    def probs(idx):  # (m,) -> (m, V), freshly allocated (big-group path only)
-        return torch.softmax(_logits(h[idx], W, bias, temperature), dim=-1)
-
-    def probs_buf(idx):  # (m,) -> (m, V) view of zb, m <= chunk
-        z = shifted_logits(h[idx]).exp_()
-        return z.div_(z.sum(1, keepdim=True))
-
-    def delta_rows(idx, pi):  # r_j^T (G h_j) for rows idx, pi (m, V) their softmax
-        u = torch.matmul(h[idx], G.T, out=pb[: idx.numel()])  # (m, V)  G h_j
-        return u[ar(idx.numel()), o[idx]] - _rowdot(pi, u)  # (G h_j)[o_j] - pi_j^T (G h_j)
-
-    delta = torch.empty(N, dtype=h.dtype, device=h.device)
+    # Pass 2: delta_j = eta/N rho_j^T (G h_j)  (Eq. 9). Rows are visited in id-sorted
+    # batches of whole groups, so the score rows computed here also serve the
+    # same-token sums (no extra logits pass).
+    delta, phi_self, p_own, ent = (torch.empty(N, dtype=h.dtype, device=h.device) for _ in range(4))
     same = torch.zeros(N, dtype=h.dtype, device=h.device)  # unscaled same-token sums
-    batches, big = _pack_groups(_id_groups(o), chunk)
-    for idx, members in batches:
-        pi = probs_buf(idx)  # (m, V)
-        delta[idx] = delta_rows(idx, pi)
-        if members:  # same-token coupling inside each whole group of the batch
-            same[idx] = _same_in_groups(pi, h[idx], A[idx], o[idx], members, chunk)
-    for g in big:
-        for blk in torch.split(g, chunk):
-            delta[blk] = delta_rows(blk, probs_buf(blk))
-        _same_in_big_group(probs, h, A, g, o[g[0]], chunk, same)
-    delta *= scale
-    same *= scale  # same_j = eta/N sum_{k != j, o_k = o_j} A_k <h_j,h_k> phi_jk
 
-    # Self term: phi_jj = ||r_j||^2 = 1 - 2 pi_j(o_j) + ||pi_j||^2   (Eq. 8, k = j)
-    phi_self = 1.0 - 2.0 * p_own + pi_sq
+    def rows_pass(idx):  # [m] -> (q [m, V], s [m]); fills delta, phi_self and the confidence stats of idx
+        q, sc, st = score_rows(h[idx], W, o[idx], bias, tf)  # rho_j = s_j e_{o_j} - q_j
+        p_own[idx], ent[idx] = st["p_own"], st["entropy"]
+        ar, oi = torch.arange(idx.numel(), device=h.device), o[idx]
+        # ||rho_j||^2 = s_j^2 - 2 s_j q_j(o_j) + ||q_j||^2  (= 1 - 2 pi_j(o_j) + ||pi_j||^2 without transform; Eq. 8, k = j)
+        phi_self[idx] = sc * sc - 2.0 * sc * q[ar, oi] + _rowdot(q, q)
+        u = h[idx] @ G.T  # [m, V]  G h_j
+        delta[idx] = sc * u[ar, oi] - _rowdot(q, u)  # rho_j^T (G h_j)
+        return q, sc
+
+    batches, big = _pack_groups(_id_groups(o), chunk_tokens)
+    for idx, members in batches:
+        q, sc = rows_pass(idx)  # [m, V], [m]
+        if members:  # same-token coupling inside each whole group of the batch
+            same[idx] = _same_in_groups(q, sc, h[idx], A[idx], o[idx], members, chunk_tokens)
+        del q
+    for g in big:
+        for blk in torch.split(g, chunk_tokens):
+            rows_pass(blk)
+        _same_in_big_group(lambda idx: score_rows(h[idx], W, o[idx], bias, tf)[:2], h, A, g, int(o[g[0]]), chunk_tokens, same)
+    delta *= scale
+    same *= scale  # same_j = eta/N sum_{k != j, o_k = o_j} A_k K_jk
     self_term = scale * A * (h * h).sum(1) * phi_self
     return {
         "delta": delta,
@@ -371,26 +349,29 @@ def predicted_shift_pairwise(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Brute-force reference for ``predicted_shift``: O(N^2 V) time, O(N V + N^2) memory.
 
-    Materialises R (N, V) with rows r_j = e_{o_j} - pi_j and the kernel
-    K = (H H^T) * (R R^T) (N, N) (Eq. 7), then sums Eq. 9 over pairs.
-    Returns the same keys as ``predicted_shift`` minus the confidence stats,
-    plus ``kernel`` (N, N) (unscaled, includes 1/temperature^2).
+    Materialises the score rows R [N, V] (rho_j; r_j = e_{o_j} - pi_j without
+    transform) and the kernel K = (H H^T) * (R R^T) [N, N] (Eq. 7), then sums
+    Eq. 9 over pairs. Returns the same keys as ``predicted_shift`` minus the
+    confidence stats, plus ``kernel`` [N, N] (unscaled: no eta/N; includes
+    (logit_scale/temperature)^2 without softcap).
     """
     h, W, o, A, bias = _prep(h, W, o, A, bias)
+    tf = LogitTransform(logit_scale, softcap, temperature)
     N = h.shape[0]
-    R = torch.softmax(_logits(h, W, bias, temperature), dim=-1)  # (N, V) pi
-    R.neg_()[torch.arange(N), o] += 1.0  # r_j = e_{o_j} - pi_j   (Eq. 6)
-    phi = R @ R.T  # (N, N) phi_jk = <r_j, r_k>   (Eq. 8)
+    R = dense_scores(*score_rows(h, W, o, bias, tf)[:2], o)  # [N, V] rho_j
+    phi = R @ R.T  # [N, N] <rho_j, rho_k>   (Eq. 8)
     del R
-    K = (h @ h.T).mul_(phi).div_(temperature**2)  # (N, N) <h_j,h_k> phi_jk   (Eq. 7)
+    K = (h @ h.T).mul_(phi)  # [N, N] <h_j,h_k> <rho_j,rho_k>   (Eq. 7)
     del phi
     scale = eta / N
-    delta = scale * (K @ A)  # (N,)   (Eq. 9)
+    delta = scale * (K @ A)  # [N]   (Eq. 9)
     self_term = scale * K.diagonal() * A
-    same_mask = o[:, None] == o[None, :]  # (N, N)
+    same_mask = o[:, None] == o[None, :]  # [N, N]
     same_mask.fill_diagonal_(False)
     same = scale * ((K * same_mask) @ A)
     return {
@@ -421,7 +402,9 @@ def coupling_pairs(
     same_frac: float = 0.5,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk: int = 1024,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_tokens: int = 1024,
 ) -> dict[str, torch.Tensor]:
     """Sample ordered token pairs (j, k), j != k, and their coupling factors (Fig. 2).
 
@@ -437,13 +420,15 @@ def coupling_pairs(
     Low confidence: entropy_or_prob="prob" -> pi_j(o_j) < threshold (default
     0.5); "entropy" -> H(pi_j) > threshold (default: the batch median).
 
-    Args: h (N, d), W (V, d), o (N,), A (N,); generator for reproducibility.
-    Returns dict of (n_pairs,) tensors:
+    Args: h [N, d], W [V, d], o [N], A [N]; generator for reproducibility;
+    temperature / logit_scale / softcap: the logit transform (module docstring).
+    Returns dict of [n_pairs] tensors:
         j, k          token indices (long)
         hh            <h_j, h_k>
         phi           exact phi_jk = I[o_j=o_k] - pi_j(o_k) - pi_k(o_j) + <pi_j,pi_k>  (Eq. 8)
         phi_eq10      Eq. 10's form (same token: (1-pi_j(o))(1-pi_k(o)))
-        contrib       A_k <h_j,h_k> phi_jk / temperature^2  (Fig. 2c; no eta/N)
+        contrib       A_k K_jk = A_k <h_j,h_k> <rho_j,rho_k>  (Fig. 2c; no eta/N;
+                      = A_k <h_j,h_k> phi_jk (logit_scale/temperature)^2 without softcap)
         same_token    bool, o_j == o_k
         both_low_conf bool
         oversampled   bool, drawn by the same-token sampler
@@ -452,10 +437,12 @@ def coupling_pairs(
     if entropy_or_prob not in ("prob", "entropy"):
         raise ValueError(f"entropy_or_prob must be 'prob' or 'entropy', got {entropy_or_prob!r}")
     h, W, o, A, bias = _prep(h, W, o, A, bias)
+    tf = LogitTransform(logit_scale, softcap, temperature)
     N = h.shape[0]
     if N < 2:
         raise ValueError("need at least two tokens to form a pair")
-    stats = token_stats(h, W, o, bias=bias, temperature=temperature, chunk=chunk)
+    stats = token_stats(h, W, o, bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                        chunk_tokens=chunk_tokens)
     if entropy_or_prob == "prob":
         conf = stats["p_own"]
         thr = 0.5 if low_conf_threshold is None else low_conf_threshold
@@ -469,9 +456,9 @@ def coupling_pairs(
     groups = _id_groups(o, min_size=2)
     n_same = int(round(same_frac * n_pairs)) if groups else 0
     if n_same:
-        sizes = torch.tensor([g.numel() for g in groups])  # (n_groups,)
-        members = torch.cat(groups)  # (M,)
-        starts = torch.cumsum(sizes, 0) - sizes  # (n_groups,)
+        sizes = torch.tensor([g.numel() for g in groups])  # [n_groups]
+        members = torch.cat(groups)  # [M]
+        starts = torch.cumsum(sizes, 0) - sizes  # [n_groups]
         gi = torch.multinomial((sizes * (sizes - 1)).double(), n_same, replacement=True, generator=generator)
         n = sizes[gi]
         a = (torch.rand(n_same, generator=generator) * n).long().clamp_max(n - 1)
@@ -485,26 +472,35 @@ def coupling_pairs(
     ju = torch.randint(N, (n_uni,), generator=generator)
     ku = torch.randint(N - 1, (n_uni,), generator=generator)
     ku = ku + (ku >= ju).long()
-    j, k = torch.cat([js, ju]), torch.cat([ks, ku])  # (P,)
+    j, k = torch.cat([js, ju]), torch.cat([ks, ku])  # [P]
     oversampled = torch.arange(n_pairs) < n_same
 
-    # --- phi per pair, chunked over pairs: two (c, V) softmax blocks at a time
+    # --- phi per pair, chunked over pairs: two [c, V] softmax blocks at a time
     P = j.numel()
     phi = torch.empty(P, dtype=h.dtype, device=h.device)
     phi10 = torch.empty(P, dtype=h.dtype, device=h.device)
-    for s in range(0, P, chunk):
-        sl = slice(s, min(s + chunk, P))
+    kern = torch.empty(P, dtype=h.dtype, device=h.device)  # <rho_j, rho_k>
+    gain2 = (tf.logit_scale / tf.temperature) ** 2  # <rho_j, rho_k> = gain2 * phi_jk without softcap
+    for s in range(0, P, chunk_tokens):
+        sl = slice(s, min(s + chunk_tokens, P))
         jj, kk = j[sl], k[sl]
         c = jj.numel()
-        pj = torch.softmax(_logits(h[jj], W, bias, temperature), dim=-1)  # (c, V)
-        pk = torch.softmax(_logits(h[kk], W, bias, temperature), dim=-1)  # (c, V)
+        pj = torch.softmax(_logits(h[jj], W, bias, tf), dim=-1)  # [c, V]
+        pk = torch.softmax(_logits(h[kk], W, bias, tf), dim=-1)  # [c, V]
         same = (o[jj] == o[kk]).to(h.dtype)
         pj_ok = pj[torch.arange(c), o[kk]]  # pi_j(o_k)
         pk_oj = pk[torch.arange(c), o[jj]]  # pi_k(o_j)
         overlap = (pj * pk).sum(1)  # <pi_j, pi_k>
+        del pj, pk
         phi[sl] = same - pj_ok - pk_oj + overlap  # Eq. 8
         # Eq. 10: same token -> (1 - pi_j(o))(1 - pi_k(o)); different -> Eq. 8 unchanged
         phi10[sl] = torch.where(same.bool(), (1 - pj_ok) * (1 - pk_oj), -pj_ok - pk_oj + overlap)
+        if tf.linear:
+            kern[sl] = phi[sl] * gain2 if gain2 != 1.0 else phi[sl]
+        else:  # softcap: the slope dz/du differs per vocabulary entry
+            qj, sj, _ = score_rows(h[jj], W, o[jj], bias, tf)
+            qk, sk, _ = score_rows(h[kk], W, o[kk], bias, tf)
+            kern[sl] = score_dot(qj, sj, o[jj], qk, sk, o[kk])
     hh = (h[j] * h[k]).sum(1)  # <h_j, h_k>
     return {
         "j": j,
@@ -512,7 +508,7 @@ def coupling_pairs(
         "hh": hh,
         "phi": phi,
         "phi_eq10": phi10,
-        "contrib": A[k] * hh * phi / temperature**2,  # A_k <h_j,h_k> phi_jk (Fig. 2c)
+        "contrib": A[k] * hh * kern,  # A_k K_jk (Fig. 2c)
         "same_token": o[j] == o[k],
         "both_low_conf": low[j] & low[k],
         "oversampled": oversampled,
@@ -566,22 +562,27 @@ def lm_head_grad_step(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """One plain SGD ascent step on J (Eq. 2) w.r.t. the LM-head weight only.
 
-    W' = W + lr * dJ/dW with J = 1/N sum_k A_k log softmax((W h_k + b)/tau)[o_k]
-    (Eq. 3 restricted to W). The gradient comes from autograd, independent of
-    the closed forms above. h is detached, so with tied embeddings only the
-    head computation sees W' (the input embedding, hence h, is unchanged).
+    W' = W + lr * dJ/dW with J = 1/N sum_k A_k log softmax(z_k)[o_k], z_k =
+    softcap(logit_scale (W h_k + b)) / tau (Eq. 3 restricted to W). The
+    gradient comes from autograd, independent of the closed forms above (the
+    logit transform is shared). h is detached, so with tied embeddings only
+    the head computation sees W' (the input embedding, hence h, is unchanged).
     The model is NOT modified; the new weight is returned.
 
     Args:
         model: a causal LM (its ``get_output_embeddings()`` gives weight and
-            bias) or the weight tensor (V, d) itself.
-        h (N, d), o (N,), A (N,); lr = eta of ``predicted_shift``.
-    Returns dict: logp_old (N,), logp_new (N,), delta_logp (N,) (Eq. 1),
-        weight (V, d) the updated W, objective J (scalar, before the step).
+            bias; its config the logit scale and softcap, overriding the
+            arguments) or the weight tensor [V, d] itself.
+        h [N, d], o [N], A [N]; lr = eta of ``predicted_shift``.
+    Returns dict: logp_old [N], logp_new [N], delta_logp [N] (Eq. 1),
+        weight [V, d] the updated W, objective J (scalar, before the step).
     """
+    tf = LogitTransform(logit_scale, softcap, temperature)
     if isinstance(model, torch.Tensor):
         W0 = model
     else:
@@ -589,12 +590,13 @@ def lm_head_grad_step(
         W0 = head.weight
         if bias is None:
             bias = getattr(head, "bias", None)
+        tf = LogitTransform.of(model, temperature)
     h, W0, o, A, bias = _prep(h, W0, o, A, bias)
     N = h.shape[0]
     W = W0.clone().requires_grad_(True)
 
-    def logp_of(Wt):  # (N,) log pi(o_j | s_j)
-        return torch.log_softmax(_logits(h, Wt, bias, temperature), dim=-1).gather(1, o[:, None]).squeeze(1)
+    def logp_of(Wt):  # [N] log pi(o_j | s_j)
+        return torch.log_softmax(_logits(h, Wt, bias, tf), dim=-1).gather(1, o[:, None]).squeeze(1)
 
     with torch.enable_grad():
         logp_old = logp_of(W)

@@ -78,12 +78,17 @@ Two update kinds
              hidden states h) is fixed. With tied embeddings this is the
              *untied* head: W is cloned into its own parameter (the input
              embedding stays at theta), which is what ``untie_lm_head`` builds
-             for the brute-force reference. Logits are linear in W, so the
-             update is exact in closed form (no Taylor step):
-                 z'_c   = z_c + lr s^2/N sum_k   A_k <h_k, h_c> r_k       r_k = e_{o_k} - pi_k
-                 z^M_c  = z'_c - lr s^2/N sum_{k in M} A_k <h_k, h_c> r_k
-             with s = logit_scale / temperature (Eq. 6-9 without the first-
-             order approximation); cost O(N V d) once plus O(|M| V) per set.
+             for the brute-force reference. The head outputs u = W h + b are
+             linear in W, so the update is exact in closed form (no Taylor
+             step):
+                 u'_c   = u_c + lr/N sum_k   A_k <h_k, h_c> rho_k   = u_c + lr/N G h_c
+                 u^M_c  = u'_c - lr/N sum_{k in M} A_k <h_k, h_c> rho_k
+             and log pi = log softmax(z), z = softcap(logit_scale u) /
+             temperature, with rho_k = d log pi_k(o_k) / d u_k (rho_k = r_k =
+             e_{o_k} - pi_k without scale, softcap and temperature) and G the
+             LM-head gradient ``lm_head.lm_head_grad`` (Eq. 6-9 without the
+             first-order approximation); cost O(N V d) once plus O(|M| V)
+             per set.
     full     every trainable parameter (requires_grad) moves, tied weights as
              the model has them. theta' needs one backward over the batch; each
              (candidate, set) needs the gradient of the masked terms only
@@ -103,11 +108,11 @@ Two update kinds
 
 Simplifications
     * The update is the plain Eq. 2 step: no ratio/clip (at the start of an
-      update rho = 1, so the clipped surrogate has the same gradient), no
+      update rho = 1, so the clipped surrogate has the same gradient; the
+      steps run through ``tokencredit.update.optimizer_step`` with SGD), no
       token weights other than ``batch.token_weight`` if present, no KL.
     * Log-probs are at ``temperature`` (pass the run's rollout temperature;
-      1.0 is the paper's setting). Softcapped logits are not supported by the
-      LM-head closed form.
+      1.0 is the paper's setting), with the model's logit scale and softcap.
     * The caller's model is only read (gradients via torch.autograd.grad, no
       .grad is written); the full path updates a deepcopy.
 
@@ -129,7 +134,9 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from tokencredit.batch import RolloutBatch
-from tokencredit.model.forward import _logit_transform, forward_tokens, lm_head_inputs
+from tokencredit.model.forward import forward_rows, forward_tokens, lm_head_inputs
+from tokencredit.probes.lm_head import dense_scores, lm_head_grad, lm_head_of, score_rows
+from tokencredit.update import LossSpec, micro_batches, optimizer_step
 
 __all__ = [
     "SET_NAMES",
@@ -137,9 +144,6 @@ __all__ = [
     "READINGS",
     "CONFIDENCE",
     "eq2_weights",
-    "token_stats",
-    "token_logprobs",
-    "eq2_grad",
     "eq2_grads",
     "sgd_step",
     "untie_lm_head",
@@ -169,13 +173,13 @@ CONFIDENCE = ("prob", "entropy")
 # ----------------------------------------------------------------------------
 
 
-def eq2_weights(batch: RolloutBatch, advantages: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, T] float32 per-token weight A_k of Eq. 2: the row advantage ([B]) or a
-    per-token one ([B, T]), times ``batch.token_weight`` if set, 0 off the
-    response mask. ``advantages`` defaults to ``batch.advantage``."""
-    adv = batch.advantage if advantages is None else advantages
+def eq2_weights(batch: RolloutBatch, advantage: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] float32 per-token weight A_k of Eq. 2: the row advantage [B] or a
+    per-token one [B, T], times ``batch.token_weight`` if set, 0 off the
+    response mask. ``advantage`` defaults to ``batch.advantage``."""
+    adv = batch.advantage if advantage is None else advantage
     if adv is None:
-        raise ValueError("the batch has no advantage; pass advantages=")
+        raise ValueError("the batch has no advantage; pass advantage=")
     m = batch.response_mask.to(torch.float32)  # [B, T]
     a = adv.to(torch.float32)
     a = a[:, None].expand_as(m) if a.ndim == 1 else a  # [B] -> [B, T]
@@ -205,6 +209,21 @@ def _rows_upto(batch: RolloutBatch, rows: Sequence[int] | torch.Tensor, last: Se
 
 
 @contextlib.contextmanager
+def _grad_only(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]):
+    """Inside: exactly `params` require grad (no other parameter of `model`
+    accumulates a .grad); every requires_grad flag is restored afterwards."""
+    keep = {id(p) for p in params}
+    saved = {id(p): (p, p.requires_grad) for p in list(model.parameters()) + list(params)}
+    try:
+        for p, _ in saved.values():
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, r in saved.values():
+            p.requires_grad_(r)
+
+
+@contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module):
     """Run in eval mode (no dropout), restore the caller's mode afterwards."""
     was = model.training
@@ -213,28 +232,6 @@ def _eval_mode(model: torch.nn.Module):
         yield model
     finally:
         model.train(was)
-
-
-@torch.no_grad()
-def token_stats(
-    model, batch: RolloutBatch, *, temperature: float = 1.0, chunk_tokens: int = 1024, micro_rows: int = 8, with_entropy: bool = True
-) -> dict[str, torch.Tensor]:
-    """{"logprob": [B, T], "entropy": [B, T] (with_entropy)} float32, log pi(o_t | s_t)
-    and H(pi(. | s_t)) at `temperature`, 0 on padding; row micro-batches, no grad."""
-    B, T = batch.response_ids.shape
-    out = {"logprob": torch.zeros(B, T)} | ({"entropy": torch.zeros(B, T)} if with_entropy else {})
-    with _eval_mode(model):
-        for s in range(0, B, micro_rows):
-            sub = batch.select(range(s, min(B, s + micro_rows)))
-            f = forward_tokens(model, sub, temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=with_entropy)
-            for k in out:
-                out[k][s : s + f[k].shape[0], : f[k].shape[1]] = f[k].cpu()
-    return out
-
-
-def token_logprobs(model, batch: RolloutBatch, *, temperature: float = 1.0, chunk_tokens: int = 1024, micro_rows: int = 8) -> torch.Tensor:
-    """[B, T] float32 log pi(o_t | s_t) (0 on padding), in row micro-batches, no grad."""
-    return token_stats(model, batch, temperature=temperature, chunk_tokens=chunk_tokens, micro_rows=micro_rows, with_entropy=False)["logprob"]
 
 
 def _trainable(model) -> tuple[list[str], list[torch.nn.Parameter]]:
@@ -296,11 +293,6 @@ def eq2_grads(
     return grads
 
 
-def eq2_grad(model, batch: RolloutBatch, weights: torch.Tensor, norm: float, params=None, **kw) -> list[torch.Tensor]:
-    """``eq2_grads`` for one weight tensor [B, T]: one tensor per parameter."""
-    return eq2_grads(model, batch, [weights], norm, params, **kw)[0]
-
-
 def sgd_step(
     model,
     batch: RolloutBatch,
@@ -315,10 +307,17 @@ def sgd_step(
 ) -> None:
     """In place: theta <- theta + lr * grad J (Eq. 3; plain SGD ascent, no momentum).
 
+    One ``tokencredit.update.optimizer_step`` with ``torch.optim.SGD(params, lr)``
+    on the clipped surrogate with A_k = `weights` [B, T] (passed as token
+    weights of rows with advantage 1) and old log-probs = the model's own
+    (rho = 1, where the surrogate's gradient is Eq. 2's), normaliser `norm`
+    (denominator "all"), no grad clip. Only rows with a nonzero weight
+    run, each cut after its last one (``_rows_upto``; N is unchanged).
     norm: Eq. 2's N, default the number of response tokens of `batch`.
     params: "trainable" (every requires_grad parameter), "lm_head" (the output
     embedding weight only; refuses a head tied to the input embedding, see
-    ``untie_lm_head``) or an explicit list. Pass a copy if the model must survive.
+    ``untie_lm_head``) or an explicit list; no other parameter gets a .grad.
+    Pass a copy if the model must survive. The model's train/eval mode is kept.
     """
     if params == "trainable":
         _, plist = _trainable(model)
@@ -331,10 +330,23 @@ def sgd_step(
     else:
         plist = list(params)
     n = float(batch.response_mask.sum()) if norm is None else float(norm)
-    grads = eq2_grad(model, batch, weights, n, plist, temperature=temperature, chunk_tokens=chunk_tokens, micro_rows=micro_rows)
-    with torch.no_grad():
-        for p, g in zip(plist, grads):
-            p.add_(g, alpha=lr)
+    w = weights.to(torch.float32) * batch.response_mask.to(torch.float32)  # [B, T]
+    nz = w != 0
+    rows = nz.any(1).nonzero().view(-1)  # rows with a term
+    if rows.numel() == 0:
+        return  # grad J = 0
+    T = w.shape[1]
+    last = torch.where(nz, torch.arange(T)[None, :], -1).amax(1)  # [B] last term per row
+    sub = _rows_upto(batch, rows, last[rows])
+    # A_k as token_weight [b, T'] with row advantage 1 (a [B, T] token field, trimmed with the micro-batches)
+    sub.advantage = torch.ones(rows.numel())  # [b]
+    sub.token_weight = w[rows, : sub.response_ids.shape[1]]  # [b, T'] Eq. 2's A_k, batch token weights folded in
+    kw = dict(temperature=temperature, chunk_tokens=chunk_tokens)
+    sub.old_logprob = forward_rows(model, sub, micro_rows=micro_rows, with_entropy=False, **kw)["logprob"]  # [b, T'], rho = 1
+    opt = torch.optim.SGD(plist, lr=lr)
+    with _eval_mode(model), _grad_only(model, plist):
+        optimizer_step(model, opt, micro_batches(sub, micro_rows), LossSpec(), grad_clip=None, normaliser=n, **kw)
+    opt.zero_grad(set_to_none=True)
 
 
 def untie_lm_head(model) -> torch.nn.Module:
@@ -359,9 +371,9 @@ def untie_lm_head(model) -> torch.nn.Module:
 def select_candidates(
     ids: torch.Tensor, n: int, generator: torch.Generator | None = None, in_loss: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(C,) long: up to `n` flat token indices drawn uniformly without replacement
+    """[C] long: up to `n` flat token indices drawn uniformly without replacement
     among tokens that have at least one *other* token with the same id in the
-    loss. ids (N,); in_loss (N,) bool, default all (tokens with A_k != 0 are the
+    loss. ids [N]; in_loss [N] bool, default all (tokens with A_k != 0 are the
     ones Eq. 2 sums over). Random order, so a prefix is again a uniform sample."""
     il = torch.ones_like(ids, dtype=torch.bool) if in_loss is None else in_loss.bool()
     counts = torch.bincount(ids[il], minlength=int(ids.max()) + 1)  # in-loss tokens per id
@@ -374,9 +386,9 @@ def select_candidates(
 def low_confidence(
     old_prob: torch.Tensor, entropy: torch.Tensor | None = None, confidence: str = "prob", threshold: float = 0.5
 ) -> tuple[torch.Tensor, float]:
-    """(low (N,) bool, cut): which response tokens count as low confidence.
+    """(low [N] bool, cut): which response tokens count as low confidence.
 
-    old_prob (N,) pi(o_k | s_k), entropy (N,) H(pi(. | s_k)), both over the
+    old_prob [N] pi(o_k | s_k), entropy [N] H(pi(. | s_k)), both over the
     batch's response tokens (flat, padding already dropped).
         confidence="prob"     low = old_prob < threshold; cut = threshold
                               (a probability in (0, 1])
@@ -391,7 +403,7 @@ def low_confidence(
             raise ValueError(f"a probability threshold must be in (0, 1], got {threshold}")
         return old_prob < threshold, float(threshold)
     if entropy is None:
-        raise ValueError('confidence="entropy" needs the entropies (N,)')
+        raise ValueError('confidence="entropy" needs the entropies [N]')
     if entropy.shape != old_prob.shape:
         raise ValueError(f"entropy {tuple(entropy.shape)} and old_prob {tuple(old_prob.shape)} differ in shape")
     if not 0.0 <= threshold < 1.0:
@@ -423,8 +435,8 @@ def build_mask_sets(
     pair=True: the two low-confidence sets are empty unless c itself is low
     confidence (the paper's "both tokens" condition).
 
-    ids (N,) token ids, low (N,) bool (``low_confidence``), candidates (C,)
-    flat indices, in_loss (N,) bool (default all). Returns {set name: [C
+    ids [N] token ids, low [N] bool (``low_confidence``), candidates [C]
+    flat indices, in_loss [N] bool (default all). Returns {set name: [C
     sorted index tensors]}.
     """
     if low.dtype != torch.bool or low.shape != ids.shape:
@@ -453,7 +465,7 @@ def build_mask_sets(
 def split_by_sign(sets: dict[str, list[torch.Tensor]], adv: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     """Readings "pos" / "neg": for each set S (name -> C index tensors) the
     sets f"{name}:pos" = {k in S: A_k > 0} and f"{name}:neg" = {k in S: A_k < 0}.
-    adv (N,) Eq. 2 weight A_k of every flat token. Returns only the new sets."""
+    adv [N] Eq. 2 weight A_k of every flat token. Returns only the new sets."""
     out: dict[str, list[torch.Tensor]] = {}
     for name, lst in sets.items():
         out[f"{name}:pos"] = [m[adv[m] > 0] for m in lst]
@@ -462,7 +474,7 @@ def split_by_sign(sets: dict[str, list[torch.Tensor]], adv: torch.Tensor) -> dic
 
 
 def _flat(batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows (N,), pos (N,)): the response tokens, row-major (forward_tokens' order)."""
+    """(rows [N], pos [N]): the response tokens, row-major (forward_tokens' order)."""
     return (batch.response_mask > 0).nonzero(as_tuple=True)
 
 
@@ -472,7 +484,7 @@ def _flat(batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _lsm_at(z: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """log_softmax(z)[o] in float64. z (c, V), o (c,) -> (c,)"""
+    """log_softmax(z)[o] in float64. z [c, V], o [c] -> [c]"""
     z = z.double()
     return z.gather(1, o[:, None]).squeeze(1) - torch.logsumexp(z, 1)
 
@@ -488,66 +500,56 @@ def lm_head_masking(
     *,
     norm: float | None = None,
     temperature: float = 1.0,
-    chunk: int = 1024,
+    chunk_tokens: int = 1024,
+    micro_rows: int = 8,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Masking effects under the LM-head-only (untied) SGD step, exact closed form.
 
-    weights [B, T] (Eq. 2's A_k), candidates (C,) flat token indices, sets from
-    ``build_mask_sets``. Returns dict:
-        delta       {set: (C,) float64}  log pi_W'(c) - log pi_W'_M(c)
-        logp_full   (C,) float64  log pi_W'(c)
-        delta_all   (N,) float64  head-only Delta log p of every token (Eq. 1)
-    Memory: G (V, d) plus r_k rows (V each) of every token in some set.
+    weights [B, T] (Eq. 2's A_k), candidates [C] flat token indices, sets from
+    ``build_mask_sets``. The logits are the model's (logit scale, softcap,
+    `temperature`; ``lm_head.LogitTransform``). chunk_tokens: rows per
+    [chunk_tokens, V] block; micro_rows: rows per decoder pass for the final
+    hidden states. Returns dict:
+        delta       {set: [C] float64}  log pi_W'(c) - log pi_W'_M(c)
+        logp_full   [C] float64  log pi_W'(c)
+        delta_all   [N] float64  head-only Delta log p of every token (Eq. 1)
+    Memory: G [V, d] plus the score rows rho_k [V] of every token in some set.
     """
     rows, pos = _flat(batch)
     N = rows.numel()
     n = float(N) if norm is None else float(norm)
-    head = model.get_output_embeddings()
-    W = head.weight.detach().float()  # (V, d)
-    bias = None if getattr(head, "bias", None) is None else head.bias.detach().float()
-    scale, softcap = _logit_transform(model)
-    if softcap is not None:
-        raise ValueError("lm_head_masking: softcapped logits are not linear in W; not supported")
-    s = scale / temperature
+    W, bias, tf = lm_head_of(model, temperature)  # [V, d], [V] or None: float32 CPU copies
     with _eval_mode(model):
-        H = lm_head_inputs(model, batch)[rows, pos].cpu().float()  # (N, d) final hidden states
-    W = W.cpu()
-    bias = None if bias is None else bias.cpu()
-    o = batch.response_ids[rows, pos]  # (N,)
-    A = weights.to(torch.float32)[rows, pos]  # (N,)
+        H = lm_head_inputs(model, batch, micro_rows=micro_rows)[rows, pos].cpu().float()  # [N, d] final hidden states
+    o = batch.response_ids[rows, pos]  # [N]
+    A = weights.to(torch.float32)[rows, pos]  # [N]
 
-    def logits(hc):  # (c, d) -> (c, V): z = s (W h + b)
-        z = hc @ W.T
-        if bias is not None:
-            z = z + bias
-        return z * s
+    def head_out(hc):  # [c, d] -> [c, V]: u = W h + b, before the logit transform
+        u = hc @ W.T
+        return u if bias is None else u + bias
 
-    def r_rows(idx):  # (m,) -> (m, V): r_k = e_{o_k} - pi_k   (Eq. 6)
-        R = -torch.softmax(logits(H[idx]), dim=-1)
-        R[torch.arange(idx.numel()), o[idx]] += 1.0
-        return R
+    def logp_at(u, oc):  # [c, V] head outputs, [c] ids -> [c] float64 log pi(oc)
+        return _lsm_at(tf(u.double()), oc)
 
-    # G = sum_k A_k r_k h_k^T  (V, d); with s: grad_W J = s G / N   (Eq. 2, 6)
-    G = torch.zeros_like(W)
-    for a in range(0, N, chunk):
-        idx = torch.arange(a, min(a + chunk, N))
-        G.addmm_(r_rows(idx).T, A[idx, None] * H[idx])
-    c = lr * s * s / n  # z' = z + c * G h      (W' = W + lr s G / N)
+    # G = sum_k A_k rho_k h_k^T [V, d] = N grad_W J   (Eq. 2, 6): W' = W + lr G / N
+    G = lm_head_grad(H, W, o, A, bias=bias, transform=tf, chunk_tokens=chunk_tokens)
+    c = lr / n  # u' = u + c * G h
 
     delta_all = torch.empty(N, dtype=torch.float64)
-    for a in range(0, N, chunk):
-        idx = torch.arange(a, min(a + chunk, N))
-        z = logits(H[idx])
-        delta_all[idx] = _lsm_at(z + c * (H[idx] @ G.T), o[idx]) - _lsm_at(z, o[idx])
+    for a in range(0, N, chunk_tokens):
+        idx = torch.arange(a, min(a + chunk_tokens, N))
+        u = head_out(H[idx])  # [c, V]
+        delta_all[idx] = logp_at(u + c * (H[idx] @ G.T), o[idx]) - logp_at(u, o[idx])
 
-    # r_k rows of every token that some set masks, computed once
+    # score rows rho_k of every token that some set masks, computed once
     union = torch.unique(torch.cat([t for lst in sets.values() for t in lst] + [torch.empty(0, dtype=torch.long)]))
     pos_in_u = torch.full((N,), -1, dtype=torch.long)
     pos_in_u[union] = torch.arange(union.numel())
-    R_u = torch.empty(union.numel(), W.shape[0])
-    for a in range(0, union.numel(), chunk):
-        R_u[a : a + chunk] = r_rows(union[a : a + chunk])
+    R_u = torch.empty(union.numel(), W.shape[0])  # [|union|, V]
+    for a in range(0, union.numel(), chunk_tokens):
+        ix = union[a : a + chunk_tokens]
+        R_u[a : a + chunk_tokens] = dense_scores(*score_rows(H[ix], W, o[ix], bias, tf)[:2], o[ix])
 
     C = candidates.numel()
     delta = {k: torch.zeros(C, dtype=torch.float64) for k in sets}
@@ -558,17 +560,17 @@ def lm_head_masking(
 
         it = tqdm(list(it), desc="masking lm_head", dynamic_ncols=True)
     for i, cand in it:
-        hc = H[cand]  # (d,)
-        z1 = (logits(hc[None]) + c * (G @ hc)[None]).double()  # (1, V) z'_c
+        hc = H[cand]  # [d]
+        u1 = (head_out(hc[None]) + c * (G @ hc)[None]).double()  # [1, V] u'_c
         oc = o[cand : cand + 1]
-        logp_full[i] = _lsm_at(z1, oc)[0]
+        logp_full[i] = logp_at(u1, oc)[0]
         for k, lst in sets.items():
             M = lst[i]
             if M.numel() == 0:
                 continue  # theta'_M = theta': delta = 0 exactly
-            coef = A[M] * (H[M] @ hc)  # (m,) A_k <h_k, h_c>
-            u = coef @ R_u[pos_in_u[M]]  # (V,) sum_{k in M} A_k <h_k,h_c> r_k
-            delta[k][i] = logp_full[i] - _lsm_at(z1 - c * u.double()[None], oc)[0]
+            coef = A[M] * (H[M] @ hc)  # [m] A_k <h_k, h_c>
+            um = coef @ R_u[pos_in_u[M]]  # [V] sum_{k in M} A_k <h_k,h_c> rho_k
+            delta[k][i] = logp_full[i] - logp_at(u1 - c * um.double()[None], oc)[0]
     return {"delta": delta, "logp_full": logp_full, "delta_all": delta_all}
 
 
@@ -612,16 +614,12 @@ def full_masking(
     n = float(N) if norm is None else float(norm)
     names, params = _trainable(model)
     kw = dict(temperature=temperature, chunk_tokens=chunk_tokens, micro_rows=micro_rows)
-    g = eq2_grad(model, batch, weights, n, params, **kw)
     m1 = copy.deepcopy(model).eval()
     p1 = [dict(m1.named_parameters())[k] for k in names]
-    with torch.no_grad():
-        for p, q, gg in zip(p1, params, g):
-            p.copy_(q).add_(gg, alpha=lr)  # theta' = theta + lr grad J   (Eq. 3)
-    del g
+    sgd_step(m1, batch, weights, lr, norm=n, params=p1, **kw)  # theta' = theta + lr grad J   (Eq. 3)
     theta1 = [p.detach().clone() for p in p1]
-    before = token_logprobs(model, batch, **kw)
-    after = token_logprobs(m1, batch, **kw)
+    before = forward_rows(model, batch, with_entropy=False, **kw)["logprob"]  # [B, T]
+    after = forward_rows(m1, batch, with_entropy=False, **kw)["logprob"]
     delta_all = (after - before)[rows, pos].double()
 
     def cand_logp(b: int, t: int) -> float:
@@ -679,7 +677,7 @@ def full_masking(
 
 def boost_stats(delta: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, float]:
     """Boost Rate = mean 1{delta > 0}, Mean Boost = mean delta (Sec. 2), over the
-    candidates where `valid` (default all). delta (C,). NaN if none."""
+    candidates where `valid` (default all). delta [C]. NaN if none."""
     d = delta if valid is None else delta[valid]
     if d.numel() == 0:
         return {"n": 0, "boost_rate": float("nan"), "mean_boost": float("nan")}
@@ -687,8 +685,8 @@ def boost_stats(delta: torch.Tensor, valid: torch.Tensor | None = None) -> dict[
 
 
 def sign_aligned(delta: torch.Tensor, net_adv: torch.Tensor) -> torch.Tensor:
-    """Reading "aligned": sign(sum_{k in M} A_k) * delta, (C,) float64 from delta
-    (C,) and the masked sets' net weights net_adv (C,). > 0: the masked tokens
+    """Reading "aligned": sign(sum_{k in M} A_k) * delta, [C] float64 from delta
+    [C] and the masked sets' net weights net_adv [C]. > 0: the masked tokens
     pushed c the way their net advantage points; 0 when the net weight is 0."""
     if delta.shape != net_adv.shape:
         raise ValueError(f"delta {tuple(delta.shape)} and net_adv {tuple(net_adv.shape)} differ in shape")
@@ -696,14 +694,14 @@ def sign_aligned(delta: torch.Tensor, net_adv: torch.Tensor) -> torch.Tensor:
 
 
 def sign_agreement(delta_a: torch.Tensor, delta_b: torch.Tensor) -> float:
-    """Fraction of tokens with sign(delta_a) == sign(delta_b) (App. D.1). (N,), (N,)."""
+    """Fraction of tokens with sign(delta_a) == sign(delta_b) (App. D.1). [N], [N]."""
     if delta_a.numel() == 0:
         return float("nan")
     return float((torch.sign(delta_a) == torch.sign(delta_b)).double().mean())
 
 
 def _reading_delta(res: dict[str, Any], name: str, reading: str, net: torch.Tensor) -> torch.Tensor:
-    """(C,) the per-candidate statistic of set `name` under `reading`."""
+    """[C] the per-candidate statistic of set `name` under `reading`."""
     if reading == "aligned":
         return sign_aligned(res["delta"][name], net[: res["delta"][name].numel()])
     return res["delta"][name if reading == "all" else f"{name}:{reading}"]
@@ -713,7 +711,7 @@ def masking_probe(
     model,
     batch: RolloutBatch,
     *,
-    advantages: torch.Tensor | None = None,
+    advantage: torch.Tensor | None = None,
     n_candidates: int = 64,
     n_full: int | None = None,
     threshold: float = 0.5,
@@ -761,16 +759,16 @@ def masking_probe(
     if batch.num_tokens < 2:
         raise ValueError("the batch needs at least two response tokens")
     gen = torch.Generator().manual_seed(seed)
-    weights = eq2_weights(batch, advantages)  # [B, T]
+    weights = eq2_weights(batch, advantage)  # [B, T]
     rows, pos = _flat(batch)
     N = rows.numel()
     ids = batch.response_ids[rows, pos]
-    st = token_stats(model, batch, temperature=temperature, chunk_tokens=chunk_tokens, micro_rows=micro_rows,
-                     with_entropy=confidence == "entropy")
-    old_prob = st["logprob"][rows, pos].exp()  # (N,)
-    entropy = st["entropy"][rows, pos] if "entropy" in st else None  # (N,)
+    st = forward_rows(model, batch, micro_rows=micro_rows, temperature=temperature, chunk_tokens=chunk_tokens,
+                      with_entropy=confidence == "entropy")
+    old_prob = st["logprob"][rows, pos].exp()  # [N]
+    entropy = st["entropy"][rows, pos] if "entropy" in st else None  # [N]
     low, cut = low_confidence(old_prob, entropy, confidence, threshold)
-    A_tok = weights[rows, pos]  # (N,)
+    A_tok = weights[rows, pos]  # [N]
     in_loss = A_tok != 0  # tokens with A_k = 0 are not in Eq. 2's sum
     cands = select_candidates(ids, n_candidates, gen, in_loss)
     base = build_mask_sets(ids, low, cands, gen, in_loss, pair=pair)
@@ -780,7 +778,8 @@ def masking_probe(
     n_f = C if n_full is None else min(int(n_full), C)
     res: dict[str, dict[str, Any]] = {}
     if "lm_head" in modes:
-        res["lm_head"] = lm_head_masking(model, batch, weights, cands, sets, lr, norm=N, temperature=temperature, progress=progress)
+        res["lm_head"] = lm_head_masking(model, batch, weights, cands, sets, lr, norm=N, temperature=temperature,
+                                           chunk_tokens=chunk_tokens, micro_rows=micro_rows, progress=progress)
     if "full" in modes:
         sub_sets = {k: v[:n_f] for k, v in sets.items()}
         compose = {k: tuple(f"{k}:{q}" for q in SIGN_PARTS) for k in base} if sign_split else None
@@ -812,14 +811,14 @@ def masking_probe(
         "delta_full": res["full"]["delta_all"].tolist() if "full" in res else [nan] * N,
     }
 
-    # (C,) per set: sum_{k in M} A_k of the all-signs set (reading "aligned", net split of "all")
+    # [C] per set: sum_{k in M} A_k of the all-signs set (reading "aligned", net split of "all")
     net_adv = {k: torch.stack([A_tok[t].double().sum() for t in base[k]]) if C else torch.zeros(0, dtype=torch.float64) for k in SET_NAMES}
     table = []
     for reading in readings:
         for k in SET_NAMES:
             name = k if reading in ("all", "aligned") else f"{k}:{reading}"
             sizes = torch.tensor([t.numel() for t in sets[name]], dtype=torch.long)
-            valid = sizes > 0  # (C,) an empty set gives delta = 0 exactly: not a measurement
+            valid = sizes > 0  # [C] an empty set gives delta = 0 exactly: not a measurement
             row: dict[str, Any] = {"reading": reading, "set": k, "same_token": SET_CONDITIONS[k][0], "low_conf": SET_CONDITIONS[k][1],
                                    "mean_set_size": float(sizes[valid].double().mean()) if valid.any() else 0.0}
             for mode in ("lm_head", "full"):

@@ -19,20 +19,25 @@ What it does
     rewards are all equal has A = 0 either way); A > 0 is used here so that
     non-binary rewards also work.
 
-Updates (``update=``)
+Updates (``update=``), both one ``tokencredit.update.optimizer_step``
     "sgd"    one plain SGD ascent step on Eq. 2, J = 1/N sum A_k log pi(o_k),
-             lr default 0.1 as in App. D.2 (``masking.sgd_step``).
+             lr default 0.1 as in App. D.2 (``masking.sgd_step``: torch SGD on
+             the clipped surrogate at rho = 1, whose gradient is Eq. 2's; N =
+             all response tokens, no grad clip).
     "adamw"  one AdamW step on the clipped surrogate (``policy_loss``, rho = 1
              at theta_0 so clipping is inactive) over the whole batch, global
              grad-norm clip, the run's lr / betas / weight decay and, if given,
              the optimizer state saved in the checkpoint: the next training
              step's optimizer, minus its mini-batch split.
-    a callable  update(model, batch, advantages [B]) -> None, in place.
+    a callable  update(model, batch, advantage [B]) -> None, in place.
+
+    micro_rows (rows per forward / backward) only bounds memory: every forward
+    and backward of the probe runs in micro-batches of that many rows.
 
 Simplifications
     * One optimizer step on the whole batch (the trainer may split a rollout
-      batch into several mini-batch steps; token weights and KL are not
-      applied).
+      batch into several mini-batch steps; KL is not applied, and token
+      weights only by "sgd", through Eq. 2's weights ``masking.eq2_weights``).
     * Both updates run on deepcopies: the caller's model (and the optimizer
       state passed in) are never modified.
 
@@ -46,15 +51,16 @@ Try it
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Callable
 
 import torch
 
-from tokencredit.algo.losses import denominator, loss_mask, policy_loss
 from tokencredit.batch import RolloutBatch
-from tokencredit.model.forward import forward_tokens
+from tokencredit.model.forward import forward_rows
 from tokencredit.probes.flip import flip_stats
-from tokencredit.probes.masking import _eval_mode, eq2_weights, sgd_step, token_logprobs
+from tokencredit.probes.masking import _eval_mode, eq2_weights, sgd_step
+from tokencredit.update import LossSpec, micro_batches, optimizer_step
 
 __all__ = ["positive_only", "sgd_update", "adamw_update", "polarity_probe", "VARIANTS"]
 
@@ -62,16 +68,17 @@ VARIANTS = ("grpo", "positive_only")
 UpdateFn = Callable[[torch.nn.Module, RolloutBatch, torch.Tensor], None]
 
 
-def positive_only(advantages: torch.Tensor) -> torch.Tensor:
-    """A+ = A * 1[A > 0] (Alg. 2 line 7). Same shape as `advantages` ([B] or [B, T])."""
-    return torch.where(advantages > 0, advantages, torch.zeros_like(advantages))
+def positive_only(advantage: torch.Tensor) -> torch.Tensor:
+    """A+ = A * 1[A > 0] (Alg. 2 line 7). Same shape as `advantage` ([B] or [B, T])."""
+    return torch.where(advantage > 0, advantage, torch.zeros_like(advantage))
 
 
 def sgd_update(lr: float = 0.1, *, temperature: float = 1.0, chunk_tokens: int = 1024, micro_rows: int = 8) -> UpdateFn:
-    """One plain SGD ascent step on Eq. 2 (N = all response tokens), every trainable parameter."""
+    """One plain SGD ascent step on Eq. 2 (N = all response tokens), every trainable
+    parameter: ``masking.sgd_step``, i.e. ``optimizer_step`` with torch SGD(lr)."""
 
-    def update(model, batch, advantages):
-        sgd_step(model, batch, eq2_weights(batch, advantages), lr, temperature=temperature, chunk_tokens=chunk_tokens, micro_rows=micro_rows)
+    def update(model, batch, advantage):
+        sgd_step(model, batch, eq2_weights(batch, advantage), lr, temperature=temperature, chunk_tokens=chunk_tokens, micro_rows=micro_rows)
 
     return update
 
@@ -82,17 +89,19 @@ def adamw_update(
     betas: tuple[float, float] = (0.9, 0.999),
     weight_decay: float = 0.0,
     grad_clip: float | None = 1.0,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    loss_agg: str = "token-mean",
+    spec: LossSpec | None = None,
     optimizer_state: dict | None = None,
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
     micro_rows: int = 8,
 ) -> UpdateFn:
     """One AdamW step on ``policy_loss`` over the whole batch (old log-probs =
-    the model's own at the start, so rho = 1).
+    the model's own at the start, so rho = 1): ``tokencredit.update.optimizer_step``
+    in micro-batches of `micro_rows` rows, token-mean normaliser over the whole
+    batch, every token counted (the batch's token weights are not applied).
 
+    spec: the loss (default LossSpec(): clip 0.2 / 0.28, token-mean; a run's is
+    ``LossSpec.from_config(cfg, with_kl=False)``).
     optimizer_state: a ``torch.optim.AdamW.state_dict()`` over the model's
     trainable parameters in ``model.parameters()`` order (the trainer's
     checkpoint holds one); it is deep-copied, never modified. lr: None = the
@@ -101,7 +110,9 @@ def adamw_update(
     if lr is None and optimizer_state is None:
         raise ValueError("adamw_update needs lr or optimizer_state")
 
-    def update(model, batch, advantages):
+    spec = spec or LossSpec()
+
+    def update(model, batch, advantage):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr if lr is not None else 0.0, betas=betas, weight_decay=weight_decay)
         if optimizer_state is not None:
@@ -109,25 +120,11 @@ def adamw_update(
         if lr is not None:
             for g in opt.param_groups:
                 g["lr"] = lr
-        old = token_logprobs(model, batch, temperature=temperature, chunk_tokens=chunk_tokens, micro_rows=micro_rows)
-        denom = denominator(loss_mask(batch.response_mask, None), loss_agg)
-        opt.zero_grad(set_to_none=True)
-        B = len(batch)
-        dev = params[0].device
+        kw = dict(temperature=temperature, chunk_tokens=chunk_tokens)
+        rows = dataclasses.replace(batch, advantage=advantage, token_weight=None, ratio_weight=None)
+        rows.old_logprob = forward_rows(model, rows, micro_rows=micro_rows, with_entropy=False, **kw)["logprob"]  # [B, T]: rho = 1
         with _eval_mode(model):
-            for s in range(0, B, micro_rows):
-                rows = list(range(s, min(B, s + micro_rows)))
-                sub = batch.select(rows)
-                lp = forward_tokens(model, sub, temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=False)["logprob"]
-                T = lp.shape[1]
-                loss, _ = policy_loss(
-                    lp, old[rows][:, :T].to(dev), advantages[rows].to(dev), sub.response_mask.to(dev),
-                    clip_low=clip_low, clip_high=clip_high, agg=loss_agg, denom=denom,
-                )
-                loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
+            optimizer_step(model, opt, micro_batches(rows, micro_rows), spec, grad_clip=grad_clip, **kw)
         opt.zero_grad(set_to_none=True)
 
     return update
@@ -137,7 +134,7 @@ def polarity_probe(
     model,
     batch: RolloutBatch,
     *,
-    advantages: torch.Tensor | None = None,
+    advantage: torch.Tensor | None = None,
     update: str | UpdateFn = "sgd",
     lr: float | None = 0.1,
     eps: float = 1e-6,
@@ -149,7 +146,7 @@ def polarity_probe(
     """Alg. 2: the GRPO and the positive-only update from the same state, Delta
     log p of both on the full batch. The caller's model is not modified.
 
-    advantages: [B] per row (default ``batch.advantage``); rows are split into
+    advantage: [B] per row (default ``batch.advantage``); rows are split into
     A > 0 / A < 0 by these for both variants. update: "sgd" | "adamw" |
     callable (see module docstring); extra keyword arguments go to
     ``adamw_update``.
@@ -162,9 +159,9 @@ def polarity_probe(
                   a sign, "rows_pos", "rows_neg", "rows_zero", "tokens",
                   "update", "lr", "eps"}
     """
-    adv = batch.advantage if advantages is None else advantages
+    adv = batch.advantage if advantage is None else advantage
     if adv is None:
-        raise ValueError("the batch has no advantage; pass advantages=")
+        raise ValueError("the batch has no advantage; pass advantage=")
     if adv.ndim != 1:
         raise ValueError(f"polarity_probe expects per-row advantages [B], got {tuple(adv.shape)}")
     kw = dict(temperature=temperature, chunk_tokens=chunk_tokens, micro_rows=micro_rows)
@@ -177,12 +174,15 @@ def polarity_probe(
     else:
         raise ValueError(f"unknown update {update!r}; valid: sgd, adamw or a callable")
 
-    before = token_logprobs(model, batch, **kw)  # [B, T]  Alg. 2 line 5
+    def logprob(m):  # [B, T] no-grad log-probs of the whole batch
+        return forward_rows(m, batch, with_entropy=False, **kw)["logprob"]
+
+    before = logprob(model)  # [B, T]  Alg. 2 line 5
     deltas: dict[str, torch.Tensor] = {}
     for name, a in (("grpo", adv), ("positive_only", positive_only(adv))):
         m = copy.deepcopy(model)  # theta_0 for each variant (Alg. 2 lines 6, 10)
         fn(m, batch, a.clone())
-        deltas[name] = token_logprobs(m, batch, **kw) - before  # measured on the full batch
+        deltas[name] = logprob(m) - before  # measured on the full batch
         del m
 
     mask = batch.response_mask > 0

@@ -9,8 +9,8 @@ What it does
 
     i.e. Q(s_t, o_t) - Q_{-o_t}(s_t): how much better taking o_t is than
     sampling an alternative token. Rewards come from the task's verifier on
-    the whole response (o_<t, o_t, continuation). `tokencredit probe value RUN_DIR
-    --step N` samples equal numbers of boosted and suppressed tokens (Δ log p
+    the whole response (o_<t, o_t, continuation). `tokencredit probe value --run
+    RUN_DIR --step N` samples equal numbers of boosted and suppressed tokens (Δ log p
     of the update of rollout step N, from probes/flip_step_N.parquet), half
     from rows with A > 0 and half from rows with A < 0, estimates their values
     and reports the value gap (mean boosted - mean suppressed) with a
@@ -36,19 +36,19 @@ Simplifications
       does); otherwise the nearest other checkpoint, with a warning and
       "checkpoint_exact": false in every record; `--checkpoint` overrides.
     * Prompts are rebuilt from the run's config exactly as the trainer draws
-      them (same data, same seeded order). The trainer writes each row's
-      "prompt_index" (index into the training data) into the flip records,
-      which is exact also when the reward-balanced buffer assembled the
-      update set from several rollout steps. Older records without it fall
-      back to the group id (prompt j of rollout step s has id
-      s * prompts_per_step + j), else row r of flip_step_N is taken from step
-      N's own batch (prompt r // rollout.n); with batching.reward_balance.tau
-      set the probe refuses those. Flip records that carry "prompt" and
-      "answer" columns are used as is.
+      them (data/promptset.py: same data, same filter). Each flip record
+      carries its row's "prompt_index" (index into that prompt set), written
+      by the trainer, which is exact also when the reward-balanced buffer
+      assembled the update set from several rollout steps; a flip file
+      without it is refused (re-run training with probes.flip.save_tokens=true).
+    * Run, config (+ key=value overrides), threads and device are resolved by
+      probes/context.py, as for the other probes; log-probs use
+      rollout.logprob_temperature, continuations the sampling temperature.
     * The continuation budget is rollout.max_new_tokens - t, so completed
       responses are no longer than the ones trained on.
     * Fig. 11's repeated updates: U AdamW steps (fresh optimizer, run's lr and
-      clip settings, one step per update on the whole batch), surrogate
+      clip settings, one tokencredit.update.optimizer_step per update on the
+      whole batch), surrogate
       ratios against the pre-update log-probs; token values stay those of the
       pre-update policy, only the boosted / suppressed labels change.
     * p(o_t) is recomputed from the loaded model at the run's temperature
@@ -56,18 +56,17 @@ Simplifications
       old_prob; a mismatch flags a wrong checkpoint or prompt.
 
 Try it
-    tokencredit probe value runs/my-run --step 3 --tokens 32 --M 8     # -> runs/my-run/probes/value_step_3.jsonl
-    tokencredit probe value runs/my-run --step 3 --tokens 32 --M 8 --repeat 4
+    tokencredit probe value --run runs/my-run --step 3 --tokens 32 --M 8     # -> runs/my-run/probes/value_step_3.jsonl
+    tokencredit probe value --run runs/my-run --step 3 --tokens 32 --M 8 --repeat 4
+    tokencredit probe value --run runs/my-run --step 3 rollout.top_p=0.95    # config overrides, as for the other probes
     tokencredit report runs/my-run                                # draws Fig. 5a/5b/11 from it
     python bench/value_cache_bench.py                             # shared-prefix speed-up
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -117,8 +116,8 @@ def value_gap(
     """Value gap = mean(boosted values) - mean(suppressed values) (Fig. 5a) with a
     percentile bootstrap (1 - alpha) confidence interval.
 
-    Each bootstrap replicate resamples the boosted values (n_b,) and the suppressed
-    values (n_s,) independently with replacement. NaN values are dropped first.
+    Each bootstrap replicate resamples the boosted values [n_b] and the suppressed
+    values [n_s] independently with replacement. NaN values are dropped first.
     Returns (gap, lo, hi); all NaN when either side is empty; lo == hi == gap when
     n_boot == 0.
     """
@@ -129,9 +128,9 @@ def value_gap(
     if n_boot <= 0:
         return gap, gap, gap
     rng = np.random.default_rng(seed)
-    bi = rng.integers(0, b.size, size=(n_boot, b.size))  # (n_boot, n_b)
-    si = rng.integers(0, s.size, size=(n_boot, s.size))  # (n_boot, n_s)
-    reps = b[bi].mean(1) - s[si].mean(1)  # (n_boot,)
+    bi = rng.integers(0, b.size, size=(n_boot, b.size))  # [n_boot, n_b]
+    si = rng.integers(0, s.size, size=(n_boot, s.size))  # [n_boot, n_s]
+    reps = b[bi].mean(1) - s[si].mean(1)  # [n_boot]
     lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
     return gap, float(lo), float(hi)
 
@@ -156,22 +155,22 @@ def _topk_count(n_tokens: int, k: float) -> int:
 
 
 def _batch_entropies(entropy, mask) -> np.ndarray:
-    """(N,) float64 finite entropies of the response tokens: entropy and mask of
-    one shape, e.g. (B, T) with mask = response_mask (1 = response token)."""
+    """[N] float64 finite entropies of the response tokens: entropy and mask of
+    one shape, e.g. [B, T] with mask = response_mask (1 = response token)."""
     e = np.asarray(entropy.detach().cpu() if isinstance(entropy, torch.Tensor) else entropy, dtype=np.float64)
     m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.float64)
     if e.shape != m.shape:
         raise ValueError(f"entropy {e.shape} and mask {m.shape} differ in shape")
-    e = e[m > 0]  # (N,) response tokens only
+    e = e[m > 0]  # [N] response tokens only
     return e[np.isfinite(e)]
 
 
 def entropy_cutoffs(entropy, mask, ks: Sequence[float] = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)) -> np.ndarray:
-    """(K,) Fig. 5b cut-offs from the whole batch: "sort all tokens by entropy".
+    """[K] Fig. 5b cut-offs from the whole batch: "sort all tokens by entropy".
 
-    entropy and mask of one shape, e.g. (B, T) entropies and response_mask
+    entropy and mask of one shape, e.g. [B, T] entropies and response_mask
     (1 = response token; padding and non-finite entropies are ignored), or
-    (N,) flip-record columns with a mask of ones. For each k (percent, in
+    [N] flip-record columns with a mask of ones. For each k (percent, in
     (0, 100]) the cut-off is the n_k-th largest of the batch's N response-
     token entropies, n_k = max(1, ceil(N k / 100)); the top-k% subset is every
     token with entropy >= cut-off (ties at the cut-off all go in).
@@ -181,12 +180,12 @@ def entropy_cutoffs(entropy, mask, ks: Sequence[float] = (10, 20, 30, 40, 50, 60
         raise ValueError("entropy_cutoffs: the batch has no response token with a finite entropy")
     if not all(0.0 < float(k) <= 100.0 for k in ks):
         raise ValueError(f"entropy_cutoffs: every k must be a percentage in (0, 100], got {list(ks)}")
-    desc = np.sort(e)[::-1]  # (N,) highest first
+    desc = np.sort(e)[::-1]  # [N] highest first
     return np.array([desc[_topk_count(e.size, float(k)) - 1] for k in ks], dtype=np.float64)
 
 
 def entropy_ranks(values: Sequence[float], entropy, mask) -> np.ndarray:
-    """(n,) int: 1 + the number of the batch's response tokens (entropy, mask as
+    """[n] int: 1 + the number of the batch's response tokens (entropy, mask as
     in ``entropy_cutoffs``) with a strictly higher entropy than each of
     `values`. A token is in the batch's top-k% subset iff its rank <= n_k
     (same subsets as ``entropy_cutoffs``, ties included); the value probe
@@ -208,7 +207,7 @@ def entropy_topk_gaps(
     highest-entropy subset, for each k in `ks` (percent). Records need
     "entropy", "value", "kind".
 
-    cutoffs (K,): the batch-wide cut-offs of ``entropy_cutoffs`` (computed
+    cutoffs [K]: the batch-wide cut-offs of ``entropy_cutoffs`` (computed
     over all response tokens of the batch, as the paper does); a record is in
     the top-k% subset iff entropy >= cutoffs[i]. Without them, records that
     all carry "entropy_rank" and "entropy_tokens" (written by the probe) are
@@ -280,14 +279,14 @@ def repeat_gaps(records: Sequence[dict], eps: float = 1e-6, n_boot: int = 1000, 
 
 
 def next_token_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
-    """(V,) logits -> (V,) float32 probabilities of the sampling policy: softmax at
+    """[V] logits -> [V] float32 probabilities of the sampling policy: softmax at
     `temperature` (one-hot argmax when temperature == 0), nucleus-truncated and
     renormalised when top_p < 1 (as transformers' top-p keeps the smallest set
     whose mass reaches top_p)."""
     z = logits.float()
     if temperature <= 0:
         return torch.nn.functional.one_hot(z.argmax(), z.numel()).float()
-    probs = torch.softmax(z / temperature, dim=-1)  # (V,)
+    probs = torch.softmax(z / temperature, dim=-1)  # [V]
     if top_p < 1.0:
         sp, si = probs.sort(descending=True)
         drop = (sp.cumsum(0) - sp) >= top_p  # mass strictly before a token already reaches top_p
@@ -334,18 +333,18 @@ def branch_continuations(
     sampled from pi(.|s_t) (branch s_t).
 
     Args:
-        prefix_ids: (L,) long, prompt + o_<t (no padding).
+        prefix_ids: [L] long, prompt + o_<t (no padding).
         max_new_tokens: budget counted from s_t, first token included (>= 1).
         mode: "shared" (prefix encoded once, its KV cache repeated over the 2M
             rows, one generate call), "batched" (one generate call, every row
             re-encodes the prefix) or "sequential" (one call per row).
         return_logits: also return the logits of the first generate step
-            ((R, V) for the R rows that continue), for equality checks.
+            ([R, V] for the R rows that continue), for equality checks.
     Returns dict:
         tokens  list of 2M token lists, the first token included, cut after
                 the first EOS (each at most max_new_tokens long)
         p       float, pi(o_t | s_t) under the sampling policy
-        probs   (V,) float32 next-token distribution at s_t
+        probs   [V] float32 next-token distribution at s_t
         first_logits  (only with return_logits) or None when nothing continued
     The sampling RNG is torch's global one: seed it around the call.
     """
@@ -354,12 +353,12 @@ def branch_continuations(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     dev = next(model.parameters()).device
-    prefix = prefix_ids.to(dev).view(1, -1)  # (1, L)
+    prefix = prefix_ids.to(dev).view(1, -1)  # [1, L]
     L = prefix.shape[1]
     out = model(input_ids=prefix, use_cache=(mode == "shared"))
-    probs = next_token_probs(out.logits[0, -1], temperature, top_p)  # (V,)
+    probs = next_token_probs(out.logits[0, -1], temperature, top_p)  # [V]
     p = float(probs[token_id])
-    first = torch.empty(2 * M, dtype=torch.long)  # (2M,)
+    first = torch.empty(2 * M, dtype=torch.long)  # [2M]
     first[:M] = token_id
     first[M:] = torch.multinomial(probs.cpu(), M, replacement=True) if temperature > 0 else probs.argmax().cpu()
     eos = set(int(e) for e in eos_ids)
@@ -369,12 +368,12 @@ def branch_continuations(
     if max_new_tokens == 1 or not active:
         return result
     R = len(active)
-    ids = torch.cat([prefix.expand(R, L), first[active].to(dev).view(R, 1)], dim=1)  # (R, L+1)
+    ids = torch.cat([prefix.expand(R, L), first[active].to(dev).view(R, 1)], dim=1)  # [R, L+1]
     gk = _gen_kwargs(temperature, top_p, pad_id, eos_ids)
     gk.update(max_new_tokens=max_new_tokens - 1, return_dict_in_generate=True, output_logits=return_logits)
     if mode == "shared":
         cache = out.past_key_values
-        cache.batch_repeat_interleave(R)  # (1, heads, L, d) -> (R, heads, L, d) per layer
+        cache.batch_repeat_interleave(R)  # [1, heads, L, d] -> [R, heads, L, d] per layer
         g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **gk)
         seqs, logits0 = g.sequences[:, L + 1 :].cpu(), (g.logits[0].cpu() if return_logits else None)
     elif mode == "batched":
@@ -424,7 +423,7 @@ def token_values(
     response to prompt_ids[k] (ids without padding), scored against answers[k].
 
     max_new_tokens: the response budget of the run (rollout.max_new_tokens);
-    continuations from s_t get max_new_tokens - t tokens. `rows` (K,) only
+    continuations from s_t get max_new_tokens - t tokens. `rows` [K] only
     feeds the per-token seed (default: k). Each result dict: avg0, avg1, p,
     value, M, rewards0 / rewards1 (lists of M), len0 / len1 (mean completed
     response lengths), time_s. `on_result(k, result)` is called as each token
@@ -448,7 +447,7 @@ def token_values(
         budget = max_new_tokens - t
         if budget < 1:
             raise ValueError(f"position {t} is at or past max_new_tokens={max_new_tokens}")
-        prefix = torch.tensor([int(x) for x in prompt_ids[k]] + resp[:t], dtype=torch.long)  # (L,)
+        prefix = torch.tensor([int(x) for x in prompt_ids[k]] + resp[:t], dtype=torch.long)  # [L]
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(token_seed(seed, rows[k], t))
@@ -502,61 +501,8 @@ def select_tokens(delta: Sequence[float], advantage: Sequence[float], n_tokens: 
 
 
 # ----------------------------------------------------------------------------
-# reading a run: config, prompts of step N, model before the update of step N
+# reading a run: flip records of step N, model before the update of step N
 # ----------------------------------------------------------------------------
-
-
-def _prompt_shell(cfg, tokenizer):
-    """The trainer's own prompt code (Trainer._render / _prompt_indices) on the
-    run's data, without building a trainer (no model, no run-dir writes)."""
-    from tokencredit.data import arithmetic_problems, load_problems, render_prompt
-    from tokencredit.trainer import Trainer
-
-    if cfg.data.train == "arithmetic":
-        problems = arithmetic_problems(cfg.data.num_train, seed=cfg.train.seed, difficulty=cfg.data.difficulty)
-    else:
-        problems = load_problems(cfg.data.train, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field)
-    shell = Trainer.__new__(Trainer)
-    shell.cfg, shell.tokenizer = cfg, tokenizer
-    shell.prompts, shell.answers = shell._render(problems, render_prompt)
-    return shell
-
-
-def step_prompts(cfg, tokenizer, step: int) -> tuple[list[str], list[str]]:
-    """(rendered prompts, answers) of rollout step `step` (1-based, as in
-    flip_step_N), drawn exactly as the trainer draws them (same data, filter and
-    seeded order)."""
-    shell = _prompt_shell(cfg, tokenizer)
-    idx = shell._prompt_indices(step - 1)
-    return [shell.prompts[i] for i in idx], [shell.answers[i] for i in idx]
-
-
-def row_groups(cols: dict[str, list], step: int, prompts_per_step: int, n: int) -> dict[int, int]:
-    """{row: group id} of the flip records. Group ids are global: the trainer
-    gives prompt j of rollout step s (0-based) the id s * prompts_per_step + j.
-    From the records' "group_id" column when present (always right, also for
-    update sets assembled by the reward-balanced buffer); otherwise row r of
-    flip_step_N is taken to be a row of step N's own rollout batch:
-    (N - 1) * prompts_per_step + r // n."""
-    if "group_id" in cols:
-        return {int(r): int(g) for r, g in zip(cols["row"], cols["group_id"])}
-    rows = set(int(r) for r in cols["row"])
-    if rows and max(rows) >= prompts_per_step * n:
-        raise ValueError(f"flip_step_{step} has row {max(rows)} but a rollout step has only {prompts_per_step} x {n} rows; "
-                         "the records need a group_id column")
-    return {r: (step - 1) * prompts_per_step + r // n for r in rows}
-
-
-def group_prompts(cfg, tokenizer, group_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
-    """{group id: (rendered prompt, answer)} (see row_groups for the ids)."""
-    shell = _prompt_shell(cfg, tokenizer)
-    k = cfg.rollout.prompts_per_step
-    out = {}
-    for g in sorted(set(group_ids)):
-        s, j = divmod(int(g), k)
-        i = shell._prompt_indices(s)[j]
-        out[int(g)] = (shell.prompts[i], shell.answers[i])
-    return out
 
 
 def pick_checkpoint(run_dir: Path, step: int) -> tuple[Path | None, bool, str]:
@@ -580,14 +526,20 @@ def pick_checkpoint(run_dir: Path, step: int) -> tuple[Path | None, bool, str]:
 
 
 def _flip_columns(run_dir: Path, step: int) -> dict[str, list]:
-    import pyarrow.parquet as pq
+    """Columns of probes/flip_step_{step}.parquet (written by the trainer with
+    probes.flip.save_tokens=true); they must carry each row's prompt_index."""
+    from tokencredit.rundir import read_parquet
 
     path = run_dir / "probes" / f"flip_step_{step}.parquet"
     if not path.is_file():
         have = sorted(p.name for p in (run_dir / "probes").glob("flip_step_*.parquet")) if (run_dir / "probes").is_dir() else []
         raise FileNotFoundError(f"{path} not found (train with probes.flip.every=1 probes.flip.save_tokens=true); "
                                 f"available: {', '.join(have) or 'none'}")
-    return pq.read_table(path).to_pydict()
+    cols = read_parquet(path)
+    if "prompt_index" not in cols:
+        raise ValueError(f"{path} has no prompt_index column (each row's prompt), so its rows cannot be matched to their "
+                         "prompts; re-run training with probes.flip.save_tokens=true to write flip records that carry it")
+    return cols
 
 
 def rebuild_rows(cols: dict[str, list]) -> dict[int, list[int]]:
@@ -609,31 +561,30 @@ def rebuild_rows(cols: dict[str, list]) -> dict[int, list[int]]:
 # ----------------------------------------------------------------------------
 
 
-def repeated_update_deltas(model, batch, updates: int, *, lr: float, temperature: float = 1.0, clip_low: float = 0.2,
-                           clip_high: float = 0.28, agg: str = "token-mean", grad_clip: float = 1.0,
-                           betas=(0.9, 0.999), weight_decay: float = 0.0) -> list[torch.Tensor]:
+def repeated_update_deltas(model, batch, updates: int, *, lr: float, spec=None, temperature: float = 1.0,
+                           grad_clip: float = 1.0, betas=(0.9, 0.999), weight_decay: float = 0.0) -> list[torch.Tensor]:
     """Apply `updates` AdamW steps of the clipped surrogate on the whole fixed
     `batch` (RolloutBatch with advantage) to `model` (in place; pass a copy) and
-    return the cumulative Δ log p after each: a list of U tensors (B, T),
-    l_u - l_0, 0 on padding. Ratios are against l_0 (multi-epoch PPO)."""
-    from tokencredit.algo.losses import policy_loss
+    return the cumulative Δ log p after each: a list of U tensors [B, T],
+    l_u - l_0, 0 on padding. Ratios are against l_0 (multi-epoch PPO); spec: the
+    loss (`tokencredit.update.LossSpec`, default clip 0.2 / 0.28 token-mean). Each
+    update is one `tokencredit.update.optimizer_step` with the whole batch as
+    one micro-batch."""
+    import dataclasses
+
     from tokencredit.model import forward_tokens
+    from tokencredit.update import LossSpec, optimizer_step
 
     with torch.no_grad():
-        l0 = forward_tokens(model, batch, temperature=temperature, with_entropy=False)["logprob"].detach()  # (B, T)
+        l0 = forward_tokens(model, batch, temperature=temperature, with_entropy=False)["logprob"].detach()  # [B, T]
+    rows = dataclasses.replace(batch, old_logprob=l0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    dev = l0.device
-    adv, mask = batch.advantage.to(dev), batch.response_mask.to(dev)
+    spec = spec or LossSpec()
     out = []
     for _ in range(updates):
-        opt.zero_grad(set_to_none=True)
-        lp = forward_tokens(model, batch, temperature=temperature, with_entropy=False)["logprob"]
-        loss, _ = policy_loss(lp, l0, adv, mask, clip_low=clip_low, clip_high=clip_high, agg=agg)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
+        optimizer_step(model, opt, [rows], spec, temperature=temperature, grad_clip=grad_clip)
         with torch.no_grad():
-            lu = forward_tokens(model, batch, temperature=temperature, with_entropy=False)["logprob"]
+            lu = forward_tokens(model, batch, temperature=temperature, with_entropy=False)["logprob"]  # [B, T]
         out.append((lu - l0).cpu())
     return out
 
@@ -663,32 +614,6 @@ def _rows_batch(prompt_ids: dict[int, list[int]], responses: dict[int, list[int]
 # ----------------------------------------------------------------------------
 
 
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, list):
-        return [_json_safe(x) for x in v]
-    return v
-
-
-def read_done(path: Path) -> list[dict]:
-    """Records already written; a torn last line (killed mid-write) is dropped
-    from the file so appending continues cleanly."""
-    if not path.is_file():
-        return []
-    good, lines, torn = [], path.read_text().splitlines(), False
-    for ln in lines:
-        if not ln.strip():
-            continue
-        try:
-            good.append(json.loads(ln))
-        except json.JSONDecodeError:
-            torn = True
-    if torn:
-        path.write_text("".join(json.dumps(r) + "\n" for r in good))
-    return good
-
-
 def run_value_probe(
     run_dir: str | Path,
     step: int,
@@ -703,11 +628,15 @@ def run_value_probe(
     device: str | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    overrides: Sequence[str] = (),
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Value the tokens of probes/flip_step_{step}.parquet and append one JSON
     line per token to probes/value_step_{step}.jsonl (or `out`); tokens already
     in that file are skipped (resume). Returns {"path", "written", "skipped",
     "checkpoint", "gap": split_gap of all records in the file, "by_sign"}.
+    The run's config (+ `overrides`), threads and device are resolved by
+    tokencredit/probes/context.py, as for the other probes.
 
     Each line: step, row, position, token_id, token_text, kind, sign, advantage,
     delta, entropy, old_prob (flip record), p (recomputed), avg0, avg1, value
@@ -720,16 +649,15 @@ def run_value_probe(
     """
     import copy
 
-    from tokencredit.config import load_config
-    from tokencredit.model import load_model
+    from tokencredit.probes.context import load_model_into, resolve_context
+    from tokencredit.rundir import append_jsonl, read_jsonl
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml", [])
+    ctx = resolve_context(run=run_dir, checkpoint=checkpoint, overrides=overrides, threads=threads, device=device,
+                          latest=False, what="probe value")
+    run_dir, cfg = ctx.run, ctx.cfg
     cols = _flip_columns(run_dir, step)
-    out = Path(out) if out is not None else run_dir / "probes" / f"value_step_{step}.jsonl"
-    done = read_done(out)
+    out = Path(out) if out is not None else ctx.out / f"value_step_{step}.jsonl"
+    done = read_jsonl(out, repair=True)  # a torn last line (killed mid-write) is cut, so appending continues cleanly
     for r in done:
         if r.get("M") != M or r.get("seed") != seed:
             raise ValueError(f"{out} was written with M={r.get('M')} seed={r.get('seed')}; "
@@ -737,67 +665,49 @@ def run_value_probe(
     done_keys = {(r["row"], r["position"]) for r in done}
 
     # Fig. 5b: the whole update batch's response-token entropies (every flip record is one response token)
-    batch_entropy = np.asarray([_f64(x) for x in cols.get("entropy", [])], dtype=np.float64)  # (N,)
-    batch_mask = np.isfinite(batch_entropy).astype(np.float64)  # (N,) tokens without an entropy are left out
+    batch_entropy = np.asarray([_f64(x) for x in cols.get("entropy", [])], dtype=np.float64)  # [N]
+    batch_mask = np.isfinite(batch_entropy).astype(np.float64)  # [N] tokens without an entropy are left out
     picks = select_tokens(cols["delta"], cols["advantage"], n_tokens, eps=cfg.probes.flip.eps, seed=seed)
     todo = [(i, kind, sign) for i, kind, sign in picks if (int(cols["row"][i]), int(cols["position"][i])) not in done_keys]
     result: dict[str, Any] = {"path": out, "written": 0, "skipped": len(picks) - len(todo), "selected": len(picks)}
     if not picks:
         raise ValueError(f"flip_step_{step}: no row with A != 0 has both boosted and suppressed tokens (all rewards equal?)")
 
-    if cfg.batching.reward_balance.tau is not None and not ({"prompt_index"} <= set(cols) or {"prompt", "answer"} <= set(cols)):
-        raise ValueError("value probe: this run uses the reward-balanced buffer (batching.reward_balance.tau), so flip rows "
-                         "can come from earlier rollout steps (and the buffer renumbers group ids); mapping them to prompts "
-                         "needs the prompt_index column the trainer writes (or prompt and answer columns)")
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = device or (auto if cfg.model.device == "auto" else cfg.model.device)
-    ck, exact, desc = (Path(checkpoint), True, f"{checkpoint} (given)") if checkpoint else pick_checkpoint(run_dir, step)
+    if checkpoint:
+        exact, desc = True, f"{checkpoint} (given)"
+    else:
+        ctx.checkpoint, exact, desc = pick_checkpoint(run_dir, step)
     result["checkpoint"] = desc
     if not exact:
         log.warning("value probe: using %s; values are not those of the policy that sampled step %d", desc, step)
 
     if todo:
-        model, tok = load_model(cfg.model.name, dtype=cfg.model.dtype, device=dev)
-        if ck is not None:
-            from tokencredit.checkpoint import load_checkpoint
+        from tokencredit.data.promptset import build_prompt_set
+        from tokencredit.rewards import MathVerifier
 
-            load_checkpoint(ck, model)
-        model.eval()
+        load_model_into(ctx)
+        model, tok = ctx.model, ctx.tokenizer
         responses = rebuild_rows(cols)
         row_adv = {int(r): float(a) for r, a in zip(cols["row"], cols["advantage"])}
-        if "prompt" in cols and "answer" in cols:
-            prompt_text = {int(r): p for r, p in zip(cols["row"], cols["prompt"])}
-            answer = {int(r): a for r, a in zip(cols["row"], cols["answer"])}
-        elif "prompt_index" in cols:  # written by the trainer: exact, also under the reward-balanced buffer
-            shell = _prompt_shell(cfg, tok)
-            pidx = {int(r): int(i) for r, i in zip(cols["row"], cols["prompt_index"])}
-            prompt_text = {r: shell.prompts[i] for r, i in pidx.items()}
-            answer = {r: shell.answers[i] for r, i in pidx.items()}
-        else:
-            groups = row_groups(cols, step, cfg.rollout.prompts_per_step, cfg.rollout.n)
-            pa = group_prompts(cfg, tok, groups.values())
-            prompt_text = {r: pa[g][0] for r, g in groups.items()}
-            answer = {r: pa[g][1] for r, g in groups.items()}
-        prompt_ids = {r: tok(prompt_text[r], add_special_tokens=False)["input_ids"] for r in responses}
-        temp = cfg.rollout.temperature
-        train_temp = temp if temp > 0 else 1.0
+        # each row's prompt: the index the trainer recorded (exact, also when the reward-balanced buffer mixed steps)
+        prompt_set = build_prompt_set(cfg, tok)
+        pidx = {int(r): int(i) for r, i in zip(cols["row"], cols["prompt_index"])}
+        prompt_ids = {r: tok(prompt_set.prompts[pidx[r]], add_special_tokens=False)["input_ids"] for r in responses}
 
         delta_repeat: dict[tuple[int, int], list[float]] = {}
         if repeat:
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             batch, order = _rows_batch(prompt_ids, responses, row_adv, pad, cfg.rollout.n)
-            a = cfg.algo
-            deltas = repeated_update_deltas(copy.deepcopy(model).to(dev).train(False), batch.to(dev), repeat, lr=cfg.train.lr,
-                                            temperature=train_temp, clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg,
+            from tokencredit.update import LossSpec
+
+            deltas = repeated_update_deltas(copy.deepcopy(model).to(ctx.device).train(False), batch.to(ctx.device), repeat,
+                                            lr=cfg.train.lr, spec=LossSpec.from_config(cfg, with_kl=False), temperature=ctx.temperature,
                                             grad_clip=cfg.train.grad_clip, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
             for i, _, _ in todo:
                 r, t = int(cols["row"][i]), int(cols["position"][i])
                 delta_repeat[(r, t)] = [float(d[order.index(r), t]) for d in deltas]
             if done and any("delta_repeat" not in d for d in done):
                 log.warning("value probe: %s has records without delta_repeat (written without --repeat)", out)
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(out, "a")
 
         def write(k: int, res: dict) -> None:
             i, kind, sign = todo[k]
@@ -815,33 +725,25 @@ def run_value_probe(
                 rec["entropy_tokens"] = int(batch_mask.sum())
             if (r, t) in delta_repeat:
                 rec["delta_repeat"] = delta_repeat[(r, t)]
-            fh.write(json.dumps({k2: _json_safe(v) for k2, v in rec.items()}) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+            append_jsonl(out, [rec])  # one line per token, flushed as it finishes
             result["written"] += 1
 
-        verifier = None
+        verifier = MathVerifier(timeout_s=1)
         try:
-            if todo:
-                from tokencredit.rewards import MathVerifier
-
-                verifier = MathVerifier(timeout_s=1)
-                budget = max_new_tokens or cfg.rollout.max_new_tokens
-                token_values(
-                    model, tok,
-                    [prompt_ids[int(cols["row"][i])] for i, _, _ in todo],
-                    [responses[int(cols["row"][i])] for i, _, _ in todo],
-                    [int(cols["position"][i]) for i, _, _ in todo],
-                    [answer[int(cols["row"][i])] for i, _, _ in todo],
-                    M, verifier, budget, temperature=temp, top_p=cfg.rollout.top_p, seed=seed,
-                    rows=[int(cols["row"][i]) for i, _, _ in todo], mode=mode, progress=progress, on_result=write,
-                )
+            token_values(
+                model, tok,
+                [prompt_ids[int(cols["row"][i])] for i, _, _ in todo],
+                [responses[int(cols["row"][i])] for i, _, _ in todo],
+                [int(cols["position"][i]) for i, _, _ in todo],
+                [prompt_set.answers[pidx[int(cols["row"][i])]] for i, _, _ in todo],
+                M, verifier, max_new_tokens or cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p, seed=seed, rows=[int(cols["row"][i]) for i, _, _ in todo], mode=mode,
+                progress=progress, on_result=write,
+            )
         finally:
-            fh.close()
-            if verifier is not None:
-                verifier.close()
+            verifier.close()
 
-    recs = read_done(out)
+    recs = read_jsonl(out)
     result["gap"] = split_gap(recs)
     result["by_sign"] = {s: split_gap([r for r in recs if r.get("sign") == s]) for s in ("pos", "neg")}
     ks = (20, 40, 60, 80, 100)
@@ -862,16 +764,21 @@ def run_value_probe(
 
 
 # ----------------------------------------------------------------------------
-# CLI: tokencredit probe value RUN_DIR --step N
+# CLI: tokencredit probe value --run RUN_DIR --step N [key=value ...]
 # ----------------------------------------------------------------------------
 
 
 def cmd_value(args) -> int:
+    if not args.run:
+        bare = [o for o in args.overrides if "=" not in o]
+        hint = f" (the run directory is no longer positional: --run {bare[0]})" if bare else ""
+        print(f"tokencredit probe value: error: --run RUN_DIR is required{hint}", file=sys.stderr)
+        return 2
     try:
         res = run_value_probe(
-            args.run_dir, args.step, n_tokens=args.tokens, M=args.M, seed=args.seed, checkpoint=args.checkpoint,
+            args.run, args.step, n_tokens=args.tokens, M=args.M, seed=args.seed, checkpoint=args.checkpoint,
             repeat=args.repeat, max_new_tokens=args.max_new_tokens, mode=args.mode, device=args.device, out=args.out,
-            progress=not args.no_progress,
+            progress=not args.no_progress, overrides=args.overrides, threads=args.threads,
         )
     except KeyboardInterrupt:
         print("tokencredit probe value: interrupted; every finished token is saved. Run the same command again to resume.", file=sys.stderr)
@@ -882,7 +789,7 @@ def cmd_value(args) -> int:
     try:  # the run's trackers (output.report_to) get the gaps; a tracker failure costs a warning only
         from tokencredit.tracking import send_run_summary
 
-        send_run_summary(args.run_dir, {"gap": res["gap"], "by_sign": res["by_sign"]}, prefix=f"probe/value_step_{args.step}/")
+        send_run_summary(args.run, {"gap": res["gap"], "by_sign": res["by_sign"]}, prefix=f"probe/value_step_{args.step}/")
     except Exception as e:
         log.warning("probe value: summary numbers not sent to the run's trackers (%s)", e)
     g = res["gap"]
@@ -909,7 +816,7 @@ def add_cli(subparsers) -> None:
         "tokens of rollout step N (from probes/flip_step_N.parquet) and write probes/value_step_N.jsonl, one line per token. "
         "Interrupt at any time; the same command resumes.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--run", metavar="RUN_DIR", help="the run directory (required): config.yaml, probes/flip_step_N.parquet, checkpoints/")
     p.add_argument("--step", type=int, required=True, help="rollout step N (needs probes/flip_step_N.parquet)")
     p.add_argument("--tokens", type=int, default=32, help="tokens to value: tokens/4 per (boosted|suppressed) x (A>0|A<0)")
     p.add_argument("--M", type=int, default=8, help="continuations per branch (paper: 256)")
@@ -918,13 +825,15 @@ def add_cli(subparsers) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint dir to load instead of checkpoints/step_{N-1}")
     p.add_argument("--max-new-tokens", type=int, default=None, help="response budget (default: the run's rollout.max_new_tokens)")
     p.add_argument("--mode", choices=MODES, default="shared", help="continuation batching (shared = prefix KV cache shared)")
-    p.add_argument("--device", default=None, help="default: the run's model.device")
+    p.add_argument("--device", default=None, help="default: the run's model.device (auto = cuda when available)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: model.threads, else torch's default)")
     p.add_argument("--out", default=None, help="output JSONL (default RUN_DIR/probes/value_step_N.jsonl)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides on the run's config.yaml, e.g. rollout.top_p=0.9")
     p.set_defaults(func=cmd_value)
 
 
-if __name__ == "__main__":  # python -m tokencredit.probes.value RUN_DIR --step N ... (same as `tokencredit probe value`)
+if __name__ == "__main__":  # python -m tokencredit.probes.value --run RUN_DIR --step N ... (same as `tokencredit probe value`)
     import argparse
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
