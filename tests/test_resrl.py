@@ -38,7 +38,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def _combos(dirs: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
-    """n unit-variance random combinations of the columns of dirs: (n, H)."""
+    """n unit-variance random combinations of the columns of dirs: [n, H]."""
     return _unit(torch.randn(n, dirs.shape[1], generator=g, dtype=torch.float64) @ dirs.T)
 
 
@@ -146,7 +146,7 @@ def reference_weights(hidden, mask, gid, pos, rank, q_low=0.2, q_high=0.8, min_w
         P = [_ref_layer_norm(h[b][t]) for b in prow for t in range(T) if mask[b, t] > 0]
         if len(P) < 4:
             continue
-        Pm = torch.tensor(P, dtype=torch.float64)  # (M, H)
+        Pm = torch.tensor(P, dtype=torch.float64)  # [M, H]
         mu = Pm.mean(dim=0)
         C = Pm - mu
         k = min(rank, C.shape[0] - 1, C.shape[1])

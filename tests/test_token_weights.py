@@ -27,7 +27,7 @@ from tokencredit.algo.token_weights import (
 
 # ------------------------------------------------------------------ hand examples
 
-# (B, T) = (2, 4); the last token of row 1 is padding with a huge entropy
+# [B, T] = (2, 4); the last token of row 1 is padding with a huge entropy
 ENT = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.7, 0.2, 0.8, 9.9]])
 MASK = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
 

@@ -140,12 +140,12 @@ def resrl_weights(
     """
     t0 = time.perf_counter()
     if hidden.dim() != 3:
-        raise ValueError(f"hidden must be (B, T, H), got shape {tuple(hidden.shape)}")
+        raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
     B, T, H = hidden.shape
     if mask.shape != (B, T):
         raise ValueError(f"mask must be (B, T) = {(B, T)}, got {tuple(mask.shape)}")
     if group_id.shape != (B,) or is_positive.shape != (B,):
-        raise ValueError("group_id and is_positive must be (B,)")
+        raise ValueError("group_id and is_positive must be [B]")
     if not 0.0 <= q_low <= q_high <= 1.0:
         raise ValueError(f"need 0 <= q_low <= q_high <= 1, got {q_low}, {q_high}")
 

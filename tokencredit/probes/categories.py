@@ -203,7 +203,7 @@ def _is_record_set(x: Any) -> bool:
 
 
 def token_categories(cols: dict[str, list], tokenizer) -> list[str]:
-    """Category of every record (N,), decided with each row's context: tokens
+    """Category of every record [N], decided with each row's context: tokens
     of a row (same "row" and, if present, "policy_version") are ordered by "position",
     decoded one by one and passed to `categorize_pieces`."""
     n = len(cols["token_id"])
@@ -271,7 +271,7 @@ def _with_shift(out: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mass(cats: Sequence[str], deltas: Sequence[float], weight: str, eps: float) -> dict[str, Any]:
-    """Shares, masses and token counts per category for (N,) categories and (N,) deltas."""
+    """Shares, masses and token counts per category for [N] categories and [N] deltas."""
     mass = {c: 0.0 for c in CATEGORIES}
     count = {c: 0 for c in CATEGORIES}
     for c, d in zip(cats, deltas):
