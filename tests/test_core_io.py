@@ -70,7 +70,7 @@ def test_rollout_step_without_a_trainer(digits_file):
 
 
 def test_unknown_rollout_backend_is_one_config_line():
-    with pytest.raises(ConfigError, match="rollout.backend 'nope' is unknown; valid: hf"):
+    with pytest.raises(ConfigError, match="rollout.backend 'nope' is unknown; valid: auto, hf, vllm"):
         load_config(None, ["rollout.backend=nope"])
 
 
@@ -145,3 +145,17 @@ def test_batch_file_round_trip(tmp_path):
     assert torch.equal(c.ratio_weight, b.ratio_weight) and c.response_text == ["ab"] and int(c.group_id[0]) == 9
     with pytest.raises(FileNotFoundError, match="side by side"):
         load_batch(tmp_path / "nothing")
+
+
+def test_vllm_backend_without_vllm_is_one_line(monkeypatch):
+    """backend=vllm and vLLM missing: one ConfigError naming the install command;
+    auto on a CPU model is hf."""
+    import tokencredit.rollout.vllm as v
+    from tokencredit.model.tiny import build_tiny
+    from tokencredit.rollout import HFSampler, make_sampler
+
+    model, tok = build_tiny()
+    monkeypatch.setattr(v, "vllm_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"vLLM is not installed; install it with make install-vllm"):
+        make_sampler(model, tok, load_config(None, ["rollout.backend=vllm"]))
+    assert isinstance(make_sampler(model, tok, load_config(None, ["rollout.backend=auto"])), HFSampler)

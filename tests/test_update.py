@@ -129,3 +129,45 @@ def test_loss_spec_from_config():
     cfg = load_config(None, ["algo.clip_high=0.3", "algo.loss_agg=seq-mean-token-sum", "token_weights.denominator=kept", "algo.kl_coef=0.2"])
     s = LossSpec.from_config(cfg)
     assert (s.clip_high, s.agg, s.denominator, s.kl_coef) == (0.3, "seq-mean-token-sum", "kept", 0.2)
+
+
+# ------------------------------------------------------- sampler/trainer mismatch
+def test_tis_weights_and_sampler_gap_by_hand():
+    import math
+
+    from tokencredit.algo.importance import sampler_gap, tis_weights
+
+    old = torch.tensor([[math.log(0.5), math.log(0.2), 0.0]])  # trainer
+    smp = torch.tensor([[math.log(0.25), math.log(0.4), 0.0]])  # sampler
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    w = tis_weights(old, smp, mask, "token", cap=1.5)
+    assert torch.allclose(w, torch.tensor([[1.5, 0.5, 0.0]]))  # ratios 2 (capped at 1.5) and 0.5; padding 0
+    seq = tis_weights(old, smp, mask, "sequence", cap=3.0)
+    assert torch.allclose(seq, torch.tensor([[1.0, 1.0, 0.0]]))  # product 2 * 0.5 = 1
+    assert tis_weights(old, smp, mask, "none") is None
+    with pytest.raises(ValueError, match="cap"):
+        tis_weights(old, smp, mask, "token", cap=0.5)
+    g = sampler_gap(old, smp, mask)
+    assert g["rollout_logprob_abs_diff_mean"] == pytest.approx(math.log(2)) and g["rollout_logprob_abs_diff_max"] == pytest.approx(math.log(2))
+    # k3: r - 1 - log r for r = 2 and 0.5: (1 - log 2 + -0.5 + log 2) / 2 = 0.25
+    assert g["rollout_kl"] == pytest.approx(0.25)
+    assert sampler_gap(old, old, mask)["rollout_kl"] == 0.0
+
+
+def test_trainer_applies_tis_only_with_sampler_logprobs(digits_file, tmp_path):
+    """hf rows carry no sampling log-probs: no ratio weight, no gap metrics; rows with
+    them get min(exp(old - sample), cap) as ratio_weight and the gap logged."""
+    from tests.conftest import tiny_overrides
+    from tokencredit.config import load_config
+    from tokencredit.trainer import Trainer
+
+    tr = Trainer(load_config(None, tiny_overrides(digits_file, tmp_path, **{"output.run_name": "tis", "algo.tis_cap": 1.5})))
+    batch, _ = tr.rollout()
+    m = tr.update(copy.deepcopy(batch))
+    assert "rollout_kl" not in m and "tis_weight_mean" not in m
+    b = copy.deepcopy(batch)
+    tr._pre_update_forward(b, need_hidden=False)
+    b.sample_logprob = b.old_logprob - 0.5 * b.response_mask  # the sampler gave each token e^-0.5 of the trainer's prob
+    gap = tr._sampler_correction(b)
+    assert gap["rollout_logprob_abs_diff_mean"] == pytest.approx(0.5) and gap["tis_capped_frac"] == 1.0
+    assert torch.allclose(b.ratio_weight, 1.5 * b.response_mask)  # e^0.5 = 1.65 capped at 1.5

@@ -65,7 +65,7 @@ class DataConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    backend: str = Field("hf", description="Rollout backend, a name registered in tokencredit/rollout/backends.py ROLLOUT_BACKENDS (registered: " + ", ".join(ROLLOUT_BACKENDS.names()) + "). hf = transformers.generate on the policy module itself.")
+    backend: str = Field("hf", description="Rollout backend, a name registered in tokencredit/rollout/backends.py ROLLOUT_BACKENDS (registered: " + ", ".join(ROLLOUT_BACKENDS.names()) + ") or auto. hf = transformers.generate on the policy module itself; vllm = a colocated vLLM engine that gets the trainer's weights after every update (tokencredit/rollout/vllm.py; install: make install-vllm); auto = vllm when it is installed and the model is on CUDA, else hf.")
     prompts_per_step: int = Field(4, gt=0, description="Prompts per rollout step (paper: 128).")
     n: int = Field(8, gt=0, description="Responses per prompt, the group size G (paper: 8).")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (paper: 1.0). Log-probs and entropies in training use the same temperature. 0 = greedy.")
@@ -74,6 +74,16 @@ class RolloutConfig(_Section):
     gen_batch_size: int = Field(32, gt=0, description="Rows generated at once by the HF backend.")
     dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling (verl algorithm.filter_groups; the 80/20 paper's setup): drop groups whose training advantages are all zero (all-equal rewards under GRPO) and sample further prompts until prompts_per_step useful groups are collected; surplus groups of the last round are discarded (counted). The reward-balanced buffer, if on, selects from the result.")
     max_gen_rounds: int = Field(4, gt=0, description="Dynamic sampling: at most this many generation rounds of prompts_per_step prompts per rollout step (verl max_num_gen_batches); when reached, the step trains on the useful groups it has.")
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="vllm: fraction of GPU memory the engine may take for weights, activations and KV cache (vLLM gpu_memory_utilization); colocated with training, so well below vLLM's 0.9. On CPU the KV cache is sized by vllm_kv_cache_gib instead.")
+    vllm_kv_cache_gib: Optional[float] = Field(None, gt=0.0, description="vllm: KV-cache size in GiB (vLLM kv_cache_memory_bytes); None = sized by vLLM from vllm_gpu_memory_utilization on GPU, 1 GiB on CPU (where vLLM would otherwise reserve that fraction of the machine's memory).")
+    vllm_max_model_len: Optional[int] = Field(None, gt=0, description="vllm: longest prompt + response the engine accepts; None = data.max_prompt_tokens + max_new_tokens.")
+    vllm_max_num_seqs: Optional[int] = Field(None, gt=0, description="vllm: sequences decoded at once (vLLM max_num_seqs); None = vLLM's default.")
+    vllm_tensor_parallel_size: int = Field(1, gt=0, description="vllm: GPUs one engine spans (tensor parallel). 1 on CPU.")
+    vllm_prefix_caching: bool = Field(True, description="vllm: share the KV cache of common prompt prefixes (the n responses of one prompt); the cache is reset after every weight sync.")
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="vllm: engine dtype; auto = model.dtype (keep equal for log-prob parity with the trainer).")
+    vllm_enforce_eager: bool = Field(True, description="vllm: no CUDA graphs / torch.compile (fast start, slower decode); set false on GPU for long runs.")
+    vllm_seed: Optional[int] = Field(None, description="vllm: seed of the engine and of the per-prompt sampling seeds (derived from (seed, prompt position), so a resumed run samples what an uninterrupted one would); None = train.seed.")
+    vllm_sleep: bool = Field(False, description="vllm, GPU only: put the engine to sleep (free its KV cache) during each update and wake it for the next rollout (vLLM enable_sleep_mode). Not available on CPU; untested on GPU here.")
 
     @property
     def logprob_temperature(self) -> float:
@@ -91,6 +101,8 @@ class AlgoConfig(_Section):
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = Field("token-mean", description="Loss aggregation over the mini-batch: token-mean (DAPO, default), seq-mean-token-mean (GRPO), seq-mean-token-sum (Dr.GRPO).")
     kl_coef: float = Field(0.0, ge=0.0, description="KL penalty coefficient against a frozen copy of the initial policy (0 = off, no reference model kept).")
     kl_estimator: Literal["k1", "k3"] = Field("k3", description="Per-token KL estimator.")
+    tis: Literal["none", "token", "sequence"] = Field("token", description="Truncated importance sampling (Yao et al. 2025, 'Your efficient RL framework secretly brings you off-policy RL training'): multiply each token's clipped term by min(pi_trainer / pi_sampler, tis_cap) - per token, or with the row's product of ratios (sequence). Applies only when the sampler reports its log-probs (rollout.backend=vllm); the hf backend samples from the trainer's own module, so there is nothing to correct. Default token with cap 2, as TRL's GRPO trainer with vLLM: vLLM's kernels differ from the trainer's, and the correction is a no-op when they agree (docs/rollout.md).")
+    tis_cap: float = Field(2.0, ge=1.0, description="Cap C of the truncated importance weight min(ratio, C) (TRL's default: 2.0).")
 
     @model_validator(mode="after")
     def _dual(self):
@@ -251,8 +263,8 @@ class Config(_Section):
 
         if self.batching.planner not in PLANNERS:
             raise ValueError(f"batching.planner {self.batching.planner!r} is unknown; valid: {', '.join(PLANNERS.names())}")
-        if self.rollout.backend not in ROLLOUT_BACKENDS:
-            raise ValueError(f"rollout.backend {self.rollout.backend!r} is unknown; valid: {', '.join(ROLLOUT_BACKENDS.names())}")
+        if self.rollout.backend != "auto" and self.rollout.backend not in ROLLOUT_BACKENDS:
+            raise ValueError(f"rollout.backend {self.rollout.backend!r} is unknown; valid: auto, {', '.join(ROLLOUT_BACKENDS.names())}")
         if self.token_weights.method not in TOKEN_WEIGHT_METHODS:
             raise ValueError(f"token_weights.method {self.token_weights.method!r} is unknown; valid: {', '.join(TOKEN_WEIGHT_METHODS.names())}")
         if self.eval.k is not None and self.eval.k > self.eval.n:

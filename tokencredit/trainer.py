@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tokencredit.algo.importance import sampler_gap, tis_weights
 from tokencredit.algo.token_weights import SAMPLE_POLARITY_METHODS, compute_token_weights, method_params
 from tokencredit.batch import RolloutBatch
 from tokencredit.batching import PLANNERS, RewardBalancedBuffer, advantage_sign, minibatch_metrics
@@ -231,6 +232,8 @@ class Trainer:
         t0 = time.perf_counter()
         self._pre_update_forward(batch, need_hidden=tw.method == "resrl")  # old_logprob, entropy (, hidden)
         t_fwd, t_tw = time.perf_counter() - t0, 0.0
+        gap = self._sampler_correction(batch)  # sampler vs trainer log-probs (+ TIS weights) when the sampler reports them
+        self.sampler.sleep()
         # weigh: once over the update set (ResRL's subspaces are per whole group: always), or per cut below
         scope = "rollout-batch" if tw.method == "resrl" else tw.scope
         if scope == "rollout-batch":
@@ -261,6 +264,7 @@ class Trainer:
         self.sampler.sync_weights(self.model, self.policy_version)
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out.update(mb_metrics)
+        out.update(gap)
         valid = batch.response_mask.bool()
         out.update({
             "entropy_mean": float(batch.entropy[valid].mean()) if valid.any() else 0.0,
@@ -272,6 +276,21 @@ class Trainer:
             "time_token_weights_s": t_tw,
             "lr": self.scheduler.get_last_lr()[0],
         })
+        return out
+
+    def _sampler_correction(self, batch: RolloutBatch) -> dict[str, float]:
+        """With a sampler that reports its log-probs (vllm): the gap to the trainer's
+        old_logprob (algo/importance.py) and, per algo.tis, the truncated importance
+        weights as batch.ratio_weight. {} when the rows carry no sampling log-probs."""
+        if batch.sample_logprob is None:
+            return {}
+        a = self.cfg.algo
+        batch.ratio_weight = tis_weights(batch.old_logprob, batch.sample_logprob, batch.response_mask, a.tis, a.tis_cap)
+        out = sampler_gap(batch.old_logprob, batch.sample_logprob, batch.response_mask)
+        if batch.ratio_weight is not None:
+            valid = batch.response_mask > 0
+            out["tis_weight_mean"] = float(batch.ratio_weight[valid].mean()) if valid.any() else float("nan")
+            out["tis_capped_frac"] = float((batch.ratio_weight[valid] >= a.tis_cap).float().mean()) if valid.any() else float("nan")
         return out
 
     def _weigh(self, rows: RolloutBatch, gen: torch.Generator, stats: dict[str, list[float]]) -> float:
@@ -436,6 +455,7 @@ class Trainer:
             "first_reward": self.first_reward,
             "last_reward": self.last_reward,
             "eval_history": self.eval_history,
+            "rollout_backend": type(self.sampler).__name__,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
@@ -479,6 +499,11 @@ class Trainer:
         mpath = self.run_dir / "metrics.jsonl"
         if mpath.exists():
             write_jsonl(mpath, [r for r in read_jsonl(mpath) if r.get("step", 0) <= self.rollout_step and not r.get("final")])
+        was = st.get("rollout_backend")
+        if was is not None and was != type(self.sampler).__name__:
+            msg = f"resume: the run sampled with {was} and continues with {type(self.sampler).__name__} (rollout.backend)"
+            log.warning(msg)
+            print(f"tokencredit: {msg}", flush=True)
         self.sampler.sync_weights(self.model, self.policy_version)
         log.info("resumed from %s (rollout step %d)", ck, self.rollout_step)
 

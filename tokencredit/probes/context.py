@@ -149,7 +149,7 @@ def sample_batch(ctx: ProbeContext, seed: int):
         raise ConfigError(str(e)) from None
     try:
         prompts = build_prompt_set(cfg, ctx.tokenizer, "train")
-        sampler = make_sampler(ctx.model, ctx.tokenizer, cfg)
+        sampler = make_sampler(ctx.model, ctx.tokenizer, cfg, policy_version=int(st.get("policy_version", 0)))
         torch.manual_seed(seed)
         res = rollout_step(sampler, prompts, verifier, cfg, cursor=cursor, policy_version=int(st.get("policy_version", 0)))
     finally:

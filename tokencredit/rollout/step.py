@@ -68,7 +68,8 @@ def rollout_step(sampler, prompts: PromptSet, verifier, cfg, *, cursor: int, pol
     while True:
         idx = prompts.indices(cursor, k)
         t0 = time.perf_counter()
-        batch = sampler.generate([prompts.prompts[i] for i in idx], [prompts.answers[i] for i in idx], group_offset=cursor)
+        batch = sampler.generate([prompts.prompts[i] for i in idx], [prompts.answers[i] for i in idx], group_offset=cursor,
+                                 policy_version=policy_version)
         t1 = time.perf_counter()
         rst = score(batch, idx, prompts, verifier, cfg, policy_version)
         t2 = time.perf_counter()
