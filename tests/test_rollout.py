@@ -46,3 +46,30 @@ def test_shared_prompt_cache_gives_the_same_tokens():
             hf._shared_prompt_cache = orig
     assert torch.equal(outs[0].response_ids, outs[1].response_ids)
     assert outs[0].response_text == outs[1].response_text
+
+
+def test_static_and_dynamic_caches_give_the_same_greedy_tokens():
+    """The hf backend's cache choice is a speed setting only: greedy tokens are equal,
+    and auto takes the static cache exactly when no prompt is shared by two rows."""
+    import pytest
+
+    model, tok = build_tiny(seed=0)
+    prompts = _prompts(tok)
+    for n in (1, 3):
+        outs = {c: generate_hf(model, tok, prompts, n=n, temperature=0.0, top_p=1.0, max_new_tokens=10, cache=c)
+                for c in hf.HF_CACHES}
+        assert torch.equal(outs["dynamic"].response_ids, outs["static"].response_ids), n
+        assert torch.equal(outs["auto"].response_ids, outs["static"].response_ids), n
+    seen = []
+    orig = model.generate
+
+    def spy(*a, **kw):
+        seen.append(kw.get("cache_implementation", "past_key_values" if "past_key_values" in kw else None))
+        return orig(*a, **kw)
+
+    model.generate = spy
+    generate_hf(model, tok, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4)
+    generate_hf(model, tok, prompts, n=3, temperature=0.0, top_p=1.0, max_new_tokens=4)
+    assert seen == ["static", "past_key_values"]
+    with pytest.raises(ValueError, match="cache"):
+        generate_hf(model, tok, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=4, cache="paged")

@@ -43,7 +43,7 @@ class HFSampler:
         r = self.r
         return generate_hf(self.model, self.tokenizer, prompts, n=r.n, temperature=r.temperature, top_p=r.top_p,
                            max_new_tokens=r.max_new_tokens, gen_batch_size=r.gen_batch_size,
-                           group_offset=group_offset, answers=answers)
+                           group_offset=group_offset, answers=answers, cache=r.hf_cache)
 
     def sync_weights(self, model, policy_version: int) -> None:
         if model is not self.model:
