@@ -175,15 +175,18 @@ class VLLMSampler:
         prompt_mask = enc["attention_mask"].repeat_interleave(n, dim=0)
         greedy = r.temperature <= 0
         reqs, params = [], []
+        per = 1 if greedy else n  # vLLM allows n > 1 only when sampling: greedy rows are n requests of one
         for i in range(len(prompts)):
             ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
-            reqs.append({"prompt_token_ids": ids})
-            params.append(SamplingParams(
-                n=n, temperature=0.0 if greedy else r.temperature, top_p=1.0 if greedy else r.top_p, max_tokens=r.max_new_tokens,
-                logprobs=0, seed=request_seed(self.seed, group_offset + i), stop_token_ids=list(self.eos_ids), detokenize=False,
-            ))
+            for _ in range(n // per):
+                reqs.append({"prompt_token_ids": ids})
+                params.append(SamplingParams(
+                    n=per, temperature=0.0 if greedy else r.temperature, top_p=1.0 if greedy else r.top_p,
+                    max_tokens=r.max_new_tokens, logprobs=0, seed=request_seed(self.seed, group_offset + i),
+                    stop_token_ids=list(self.eos_ids), detokenize=False,
+                ))
         outs = self.llm.generate(reqs, params, use_tqdm=False)
-        rows = [o for req in outs for o in req.outputs]  # prompt-major, n per prompt: groups adjacent
+        rows = [o for req in outs for o in req.outputs]  # prompt-major, n rows per prompt: groups adjacent
         B = len(rows)
         T = max(1, max(len(o.token_ids) for o in rows))
         response_ids = torch.full((B, T), self.pad_id, dtype=torch.long)

@@ -1,0 +1,128 @@
+"""HF generate vs vLLM: generated tokens per second on the same prompts, model and
+lengths, side by side in one run.
+
+Rows (each a full generate over the same rendered prompts, greedy by default so
+that exact variants produce the same tokens and the same token count):
+
+    hf dynamic           transformers DynamicCache; rows of one prompt share one prefill
+    hf static            StaticCache (cache_implementation="static")
+    hf auto              what the trainer and `tokencredit eval` use (rollout.hf_cache=auto)
+    hf dynamic sorted    prompts sorted by length before batching (less left padding)
+    hf static sorted
+    vllm                 the colocated engine of rollout/vllm.py (skipped when vllm is absent;
+                         engine start-up is timed apart)
+
+Two settings: `rl` = the embedded default's rollout (4 arithmetic prompts x 8
+responses, 32 new tokens); `eval` = the first K MATH-500 problems (../shared/data/
+benchmarks/math500.jsonl or --math500), 1 response each. Each row says whether its
+tokens equal the first row's (greedy only).
+
+    python bench/rollout_backends.py                                  # both settings, SmolLM2, 2 threads
+    python bench/rollout_backends.py --settings eval --max-new-tokens 256 --problems 8
+    python bench/rollout_backends.py --device cuda --dtype bfloat16     # on a GPU box (hf rows; vllm if installed)
+
+Results: docs/results/rollout_backends.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks" / "math500.jsonl"
+
+
+def _prompts(setting: str, tok, args) -> tuple[list[str], int]:
+    from tokencredit.data import arithmetic_problems, render_prompt
+
+    if setting == "rl":
+        return [render_prompt(tok, p.prompt) for p in arithmetic_problems(4, seed=0, difficulty=1)], 8
+    path = Path(args.math500)
+    if not path.is_file():
+        raise SystemExit(f"bench: {path} not found (pass --math500 FILE, a jsonl with a 'problem' field)")
+    qs = [json.loads(line)["problem"] for line in path.read_text().splitlines() if line.strip()][: args.problems]
+    return [render_prompt(tok, q) for q in qs], 1
+
+
+def _hf(model, tok, prompts, n, args, cache: str, sort: bool):
+    from tokencredit.rollout.hf import generate_hf
+
+    order = sorted(range(len(prompts)), key=lambda i: len(tok(prompts[i])["input_ids"])) if sort else list(range(len(prompts)))
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    b = generate_hf(model, tok, [prompts[i] for i in order], n=n, temperature=args.temperature, top_p=1.0,
+                    max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size, cache=cache)
+    dt = time.perf_counter() - t
+    texts = [r[m.bool()].tolist() for r, m in zip(b.response_ids, b.response_mask)]  # rows in `order`
+    at = {p: j for j, p in enumerate(order)}  # prompt -> its position in the sorted call
+    resp = [texts[at[i] * n + k] for i in range(len(prompts)) for k in range(n)]  # back to prompt order
+    return b.num_tokens, dt, 0.0, resp
+
+
+def _vllm(model, tok, prompts, n, args):
+    from tokencredit.config import load_config
+    from tokencredit.rollout.vllm import VLLMSampler
+
+    cfg = load_config(None, [f"rollout.n={n}", f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.temperature={args.temperature}",
+                             f"model.dtype={args.dtype}", "data.max_prompt_tokens=4096"])
+    t = time.perf_counter()
+    s = VLLMSampler(model, tok, cfg)
+    start = time.perf_counter() - t
+    t = time.perf_counter()
+    b = s.generate(prompts, [""] * len(prompts), group_offset=0, policy_version=0)
+    dt = time.perf_counter() - t
+    resp = [r[m.bool()].tolist() for r, m in zip(b.response_ids, b.response_mask)]
+    del s
+    return b.num_tokens, dt, start, resp
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--settings", nargs="+", choices=("rl", "eval"), default=["rl", "eval"])
+    ap.add_argument("--problems", type=int, default=32, help="MATH-500 problems in the eval setting")
+    ap.add_argument("--math500", default=str(DEFAULT_MATH500))
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--gen-batch-size", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (rows comparable token for token)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--skip", nargs="*", default=[], help="row names to skip, e.g. 'vllm' 'hf dynamic sorted'")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from tokencredit.model import load_model
+    from tokencredit.rollout.vllm import vllm_available
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model.eval()
+    print(f"rollout backends: {args.model} on {args.device} ({platform.machine()}, {args.threads} threads, torch {torch.__version__}), "
+          f"{args.dtype}, max_new_tokens {args.max_new_tokens}, temperature {args.temperature}, {time.strftime('%Y-%m-%d %H:%M')}")
+    rows = [("hf dynamic", "dynamic", False), ("hf static", "static", False), ("hf auto", "auto", False),
+            ("hf dynamic sorted", "dynamic", True), ("hf static sorted", "static", True)]
+    for setting in args.settings:
+        prompts, n = _prompts(setting, tok, args)
+        plen = [len(tok(p)["input_ids"]) for p in prompts]
+        print(f"\n[{setting}] {len(prompts)} prompts x {n} (prompt tokens {min(plen)}-{max(plen)}, mean {sum(plen) / len(plen):.0f})")
+        print(f"{'row':<20}{'tokens':>8}{'gen s':>9}{'tok/s':>9}{'vs first':>10}{'same tokens':>13}{'start s':>9}")
+        first = None
+        todo = [(name, lambda c=c, s=s: _hf(model, tok, prompts, n, args, c, s)) for name, c, s in rows]
+        if vllm_available() and args.device in ("cpu", "cuda"):
+            todo.append(("vllm", lambda: _vllm(model, tok, prompts, n, args)))
+        for name, fn in todo:
+            if name in args.skip:
+                continue
+            ntok, dt, start, resp = fn()
+            rate = ntok / dt
+            first = first or (rate, resp)
+            same = "yes" if resp == first[1] else "no"
+            print(f"{name:<20}{ntok:>8}{dt:>9.1f}{rate:>9.1f}{rate / first[0]:>9.2f}x{same:>13}{start:>9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
