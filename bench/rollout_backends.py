@@ -105,24 +105,29 @@ def main() -> None:
           f"{args.dtype}, max_new_tokens {args.max_new_tokens}, temperature {args.temperature}, {time.strftime('%Y-%m-%d %H:%M')}")
     rows = [("hf dynamic", "dynamic", False), ("hf static", "static", False), ("hf auto", "auto", False),
             ("hf dynamic sorted", "dynamic", True), ("hf static sorted", "static", True)]
+    # untimed warm-up (first-call allocations would otherwise land on the first row)
+    warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 4})
+    _hf(model, tok, _prompts(args.settings[0], tok, args)[0][:2], 1, warm, "dynamic", False)
+    results = {}
+    for setting in args.settings:
+        prompts, n = _prompts(setting, tok, args)
+        results[setting] = [(name, *_hf(model, tok, prompts, n, args, c, srt)) for name, c, srt in rows if name not in args.skip]
+    # vLLM last: on CPU its engine binds threads and memory of this process, which would colour later HF rows
+    if vllm_available() and "vllm" not in args.skip:
+        for setting in args.settings:
+            prompts, n = _prompts(setting, tok, args)
+            results[setting].append(("vllm", *_vllm(model, tok, prompts, n, args)))
     for setting in args.settings:
         prompts, n = _prompts(setting, tok, args)
         plen = [len(tok(p)["input_ids"]) for p in prompts]
         print(f"\n[{setting}] {len(prompts)} prompts x {n} (prompt tokens {min(plen)}-{max(plen)}, mean {sum(plen) / len(plen):.0f})")
         print(f"{'row':<20}{'tokens':>8}{'gen s':>9}{'tok/s':>9}{'vs first':>10}{'same tokens':>13}{'start s':>9}")
         first = None
-        todo = [(name, lambda c=c, s=s: _hf(model, tok, prompts, n, args, c, s)) for name, c, s in rows]
-        if vllm_available() and args.device in ("cpu", "cuda"):
-            todo.append(("vllm", lambda: _vllm(model, tok, prompts, n, args)))
-        for name, fn in todo:
-            if name in args.skip:
-                continue
-            ntok, dt, start, resp = fn()
+        for name, ntok, dt, start, resp in results[setting]:
             rate = ntok / dt
             first = first or (rate, resp)
             same = "yes" if resp == first[1] else "no"
             print(f"{name:<20}{ntok:>8}{dt:>9.1f}{rate:>9.1f}{rate / first[0]:>9.2f}x{same:>13}{start:>9.1f}", flush=True)
-
 
 if __name__ == "__main__":
     main()

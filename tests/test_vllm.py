@@ -127,3 +127,32 @@ def test_three_step_run_trains_and_resumes_bit_identically(tmp_path):
     part, _ = _run(tmp_path, "part", 3, resume=True)
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, part.model.state_dict()[k]), k
+
+
+def test_vllm_loads_an_exported_final_directory(tmp_path, sampler_and_model):
+    """RUN_DIR/final/ (tokencredit/export.py) is a model directory vLLM serves as is,
+    with the trainer's log-probs."""
+    import vllm
+
+    from tokencredit.export import export_model
+
+    _, model, tok, _ = sampler_and_model
+    final = export_model(model, tok, tmp_path / "final", dtype=None, card_text="# test\n", force=True)
+    llm = vllm.LLM(model=str(final), dtype="float32", enforce_eager=True, logprobs_mode="processed_logprobs",
+                   max_model_len=128, kv_cache_memory_bytes=2**25, seed=0)
+    ids = tok(_prompts(tok, 1)[0], add_special_tokens=False)["input_ids"]
+    o = llm.generate([{"prompt_token_ids": ids}], vllm.SamplingParams(max_tokens=6, temperature=1.0, logprobs=0, seed=1, detokenize=False),
+                     use_tqdm=False)[0].outputs[0]
+    from tokencredit.batch import RolloutBatch
+
+    toks = list(o.token_ids)
+    b = RolloutBatch(prompt_ids=torch.tensor([ids]), prompt_mask=torch.ones(1, len(ids), dtype=torch.long),
+                     response_ids=torch.tensor([toks]), response_mask=torch.ones(1, len(toks)), group_id=torch.tensor([0]),
+                     sample_logprob=torch.tensor([[lp[t].logprob for lp, t in zip(o.logprobs, toks)]]))
+    assert _gap(model, b, 1.0) <= 1e-5
+
+
+def test_resume_with_another_backend_is_said(tmp_path, capsys):
+    _run(tmp_path, "switch", 1, extra=["rollout.backend=hf"])
+    _run(tmp_path, "switch", 2, resume=True)
+    assert "sampled with HFSampler and continues with VLLMSampler" in capsys.readouterr().out
