@@ -25,7 +25,7 @@ Try it:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -80,6 +80,7 @@ def optimizer_step(
     normaliser: float | None = None,
     ref_model: torch.nn.Module | None = None,
     train_mode: bool = False,
+    grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
 ) -> dict[str, list[float]]:
     """zero_grad, forward + backward of every micro-batch against one normaliser,
     clip, optimizer.step(). Rows need `old_logprob` [B, T] and `advantage` [B]
@@ -88,6 +89,8 @@ def optimizer_step(
 
     train_mode: the model's mode during the forwards (transformers checkpoints
     activations only in train mode); it is put back in eval mode afterwards.
+    grad_sync: called with the parameters after the last backward, before the
+    clip (data parallelism without FSDP2: `dist.average_gradients`).
     Returns stats as lists (one entry per micro-batch; "grad_norm" one entry):
     policy_loss's stats, "pg_loss", "kl" (with ref_model).
     """
@@ -122,6 +125,8 @@ def optimizer_step(
                 stats.setdefault(k, []).append(float(v))
     finally:
         model.eval()
+    if grad_sync is not None:
+        grad_sync(params)
     if grad_clip is not None:
         stats["grad_norm"] = [float(torch.nn.utils.clip_grad_norm_(params, grad_clip))]
     optimizer.step()
