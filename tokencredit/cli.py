@@ -70,7 +70,8 @@ def cmd_train(args) -> int:
 
     trainer = Trainer(cfg, run_dir=run_dir, resume=bool(args.resume))
     summary = trainer.train()
-    _print_summary(summary, trainer.run_dir)
+    if trainer.dist.main:  # under torchrun, rank 0 speaks for the run
+        _print_summary(summary, trainer.run_dir)
     return 0
 
 

@@ -1,7 +1,20 @@
 """torch.distributed helpers for data-parallel training (torchrun; gloo on CPU,
-NCCL on GPU). Work in progress for the torchrun/FSDP2 issue: the pieces that
-make one optimizer step on N ranks equal to one process are here and tested
-(tests/test_dist.py); the trainer does not call them yet.
+NCCL on GPU).
+
+    torchrun --nproc_per_node N -m tokencredit train ...
+
+How the trainer uses them (simplifications listed): every rank samples a
+contiguous slice of the step's prompts (whole groups) and the rows are
+all-gathered (`RankSampler`), so every rank holds the whole rollout batch and
+the rewards, advantages, dynamic sampling, reward-balanced buffer, planner,
+token-weight quantiles and flip probe decide exactly as one process would
+(at the cost of a redundant no-grad forward on every rank). Each mini-batch's
+groups are then dealt to the ranks (`rank_rows`); every rank backpropagates its
+own rows against the one global normaliser, and the gradients are averaged
+(replicated parameters, `average_gradients`). Rank 0 alone writes files,
+trackers and the progress bar. FSDP2 (`shard_model`) is tested at the
+optimizer-step level but not yet wired into the trainer (checkpointing sharded
+optimizer state is still to do).
 
 The one rule: one global normaliser per optimizer step. Each rank computes the
 count of its own rows (`update.loss_normaliser`), the counts are all-reduced,
@@ -70,6 +83,68 @@ def all_reduce_sum(value: float, info: DistInfo) -> float:
     return float(t.item())
 
 
+def rank_slice(count: int, info: DistInfo) -> tuple[int, int]:
+    """(start, length) of this rank's contiguous share of `count` prompts (count
+    must be a multiple of the world size: checked at start-up)."""
+    if count % info.world:
+        raise ValueError(f"{count} prompts cannot be split evenly over {info.world} ranks")
+    per = count // info.world
+    return info.rank * per, per
+
+
+def gather_batch(batch, info: DistInfo):
+    """Every rank's RolloutBatch, concatenated in rank order, on every rank."""
+    from tokencredit.batch import RolloutBatch
+
+    if info.world <= 1:
+        return batch
+    parts: list = [None] * info.world
+    dist.all_gather_object(parts, batch.to("cpu").state_dict())
+    return RolloutBatch.concat([RolloutBatch.from_state_dict(p) for p in parts])
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's `obj` on every rank."""
+    if info.world <= 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_object(obj, info: DistInfo) -> list:
+    """[rank 0's obj, rank 1's obj, ...] on every rank."""
+    if info.world <= 1:
+        return [obj]
+    out: list = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class RankSampler:
+    """A rollout backend under data parallelism: this rank samples its contiguous
+    slice of the prompts (group ids keep their global stream positions) and the
+    rows of all ranks are gathered, so every rank returns the whole batch."""
+
+    def __init__(self, inner, info: DistInfo):
+        self.inner, self.info = inner, info
+
+    @property
+    def policy_version(self) -> int:
+        return self.inner.policy_version
+
+    def generate(self, prompts, answers, group_offset: int, policy_version: int | None = None):
+        s, n = rank_slice(len(prompts), self.info)
+        mine = self.inner.generate(prompts[s : s + n], answers[s : s + n], group_offset + s, policy_version)
+        return gather_batch(mine, self.info)
+
+    def sync_weights(self, model, policy_version: int) -> None:
+        self.inner.sync_weights(model, policy_version)
+
+    def sleep(self) -> None:
+        self.inner.sleep()
+
+
 def rank_normaliser(local_count: float, info: DistInfo) -> float:
     """What each rank passes as `optimizer_step(normaliser=)`: the all-reduced count
     over every rank's rows divided by the world size (DDP and FSDP2 average
@@ -129,10 +204,11 @@ def shard_model(model: torch.nn.Module, mode: str = "fsdp2") -> torch.nn.Module:
 def average_gradients(params: Sequence[torch.nn.Parameter], info: DistInfo | None = None) -> None:
     """DDP's gradient step by hand: every gradient averaged over ranks (all-reduce / world)."""
     world = dist.get_world_size()
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(world)
+    for p in params:  # every rank all-reduces every parameter, in the same order
+        if p.grad is None:  # a rank without rows in this mini-batch contributes zeros
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
 
 
 def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:

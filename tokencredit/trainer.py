@@ -42,13 +42,14 @@ from tokencredit.batching import PLANNERS, RewardBalancedBuffer, advantage_sign,
 from tokencredit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tokencredit.config import Config, ConfigError, dump_config
 from tokencredit.data.promptset import build_prompt_set
+from tokencredit.dist import RankSampler, average_gradients, broadcast_object, gather_object, init_distributed, rank_rows
 from tokencredit.model.forward import forward_rows
 from tokencredit.model.load import resolve_device
 from tokencredit.probes.flip import flip_records, flip_stats
 from tokencredit.rollout import make_sampler, rollout_step
 from tokencredit.rundir import append_jsonl, read_jsonl, write_jsonl, write_parquet
 from tokencredit.tracking import Tracker, open_trackers, require_extras
-from tokencredit.update import LossSpec, micro_batches, optimizer_step
+from tokencredit.update import LossSpec, loss_normaliser, micro_batches, optimizer_step
 
 log = logging.getLogger("tokencredit")
 
@@ -90,10 +91,14 @@ class Trainer:
         # a missing tracker extra fails here, before the model loads (tokencredit/tracking.py)
         require_extras(cfg.output.report_to)
         self.trackers: list[Tracker] = []  # opened when train() starts, closed when it ends
+        self.dist = init_distributed()  # torchrun: data parallel over WORLD_SIZE ranks (tokencredit/dist.py)
+        if self.dist.world > 1 and cfg.rollout.prompts_per_step % self.dist.world:
+            raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the {self.dist.world} "
+                              "ranks (each rank samples whole groups); change it or --nproc_per_node")
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
-        torch.manual_seed(cfg.train.seed)
-        random.seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed + 1_000_003 * self.dist.rank)  # rank 0 samples as one process would
+        random.seed(cfg.train.seed + 1_000_003 * self.dist.rank)
         # reward.functions load in their worker processes before the model: a bad spec fails in seconds
         rc = cfg.reward
         self.verifier = RewardFunctions(rc.functions, rc.weights, rc.timeout_s)
@@ -116,6 +121,8 @@ class Trainer:
         self.prompt_set = build_prompt_set(cfg, self.tokenizer, "train")
         self.eval_set = build_prompt_set(cfg, self.tokenizer, "eval")
         self.sampler = make_sampler(self.model, self.tokenizer, cfg)
+        if self.dist.world > 1:
+            self.sampler = RankSampler(self.sampler, self.dist)  # each rank samples its share; rows gathered
         self.loss_spec = LossSpec.from_config(cfg)
 
         self.planner = PLANNERS.get(cfg.batching.planner)
@@ -143,12 +150,14 @@ class Trainer:
         self.last_reward: float | None = None
         self.eval_history: list[tuple[int, float]] = []
 
-        self.run_dir = Path(run_dir) if run_dir else Path(cfg.output.root) / (cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        name = cfg.output.run_name or broadcast_object(time.strftime("run-%Y%m%d-%H%M%S"), self.dist)  # rank 0's clock
+        self.run_dir = Path(run_dir) if run_dir else Path(cfg.output.root) / name
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self._resume()
-        else:
+        elif self.dist.main:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             (self.run_dir / "metrics.jsonl").write_text("")
 
@@ -250,10 +259,11 @@ class Trainer:
                 micros = micro_batches(mini, cfg.train.micro_batch_size)
                 if scope == "micro-batch":
                     t_tw += sum(self._weigh(u, gen, stats) for u in micros)
+                micros, dp = self._rank_share(micros)
                 st = optimizer_step(  # step: one normaliser for the whole mini-batch
                     self.model, self.optimizer, micros, self.loss_spec, temperature=cfg.rollout.logprob_temperature,
                     chunk_tokens=cfg.model.chunk_tokens, grad_clip=cfg.train.grad_clip, ref_model=self.ref_model,
-                    train_mode=cfg.model.gradient_checkpointing,  # HF checkpoints activations only in train mode
+                    train_mode=cfg.model.gradient_checkpointing, **dp,  # HF checkpoints activations only in train mode
                 )
                 for k, v in st.items():
                     stats.setdefault(k, []).extend(v)
@@ -277,6 +287,19 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
         })
         return out
+
+    def _rank_share(self, micros: list[RolloutBatch]) -> tuple[list[RolloutBatch], dict]:
+        """(micro-batches this rank backpropagates, optimizer_step keywords). One
+        process: all of them. Data parallel: this rank's whole groups of the
+        mini-batch, the global normaliser / world size, gradients averaged over
+        ranks (tokencredit/dist.py)."""
+        if self.dist.world <= 1:
+            return micros, {}
+        mini = micros[0] if len(micros) == 1 else RolloutBatch.concat(micros)  # keeps micro-scope token weights
+        mine = mini.select(rank_rows(mini.group_id, self.dist.rank, self.dist.world))
+        n = loss_normaliser(micros, self.loss_spec) / self.dist.world
+        mb = self.cfg.train.micro_batch_size
+        return (micro_batches(mine, mb) if len(mine) else []), {"normaliser": n, "grad_sync": average_gradients}
 
     def _sampler_correction(self, batch: RolloutBatch) -> dict[str, float]:
         """With a sampler that reports its log-probs (vllm): the gap to the trainer's
@@ -340,7 +363,7 @@ class Trainer:
         t = time.perf_counter()
         delta = self._forward_rows(batch, with_entropy=False)["logprob"] - before  # [B, T]
         out = flip_stats(delta, batch.advantage, batch.response_mask, pf.eps)
-        if pf.save_tokens:
+        if pf.save_tokens and self.dist.main:
             rec = flip_records(delta, batch.advantage, batch.response_mask, batch.response_ids, batch.entropy, before,
                                self.policy_version, group_id=batch.group_id, prompt_index=batch.prompt_index)
             write_parquet(self.run_dir / "probes" / f"flip_step_{self.rollout_step}.parquet", rec)
@@ -370,12 +393,12 @@ class Trainer:
     def train(self) -> dict[str, float]:
         cfg = self.cfg
         total = cfg.train.steps
-        self.trackers = open_trackers(cfg, self.run_dir, resume_step=self.rollout_step)
+        self.trackers = open_trackers(cfg, self.run_dir, resume_step=self.rollout_step) if self.dist.main else []
         if self.rollout_step == 0 and len(self.eval_set):
             e = self.evaluate()
             self.eval_history.append((0, e.accuracy))
             self._log({"step": 0, **_eval_row(e)})
-        bar = tqdm(total=total, initial=self.rollout_step, desc="train", disable=not cfg.output.progress, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.rollout_step, desc="train", disable=not (cfg.output.progress and self.dist.main), dynamic_ncols=True)
         t_start = time.perf_counter()
         tokens_at_start = self.tokens_generated
         while self.rollout_step < total:
@@ -427,6 +450,8 @@ class Trainer:
             self._log({"step": self.rollout_step, **_eval_row(e), "final": True})
             summary["eval_accuracy_start"] = self.eval_history[0][1]
             summary["eval_accuracy_end"] = e.accuracy
+        if not self.dist.main:
+            return summary
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.output.save_final:  # RUN_DIR/final/: a Hugging Face model directory (tokencredit/export.py)
             from tokencredit.export import export_final
@@ -439,6 +464,8 @@ class Trainer:
         return summary
 
     def _log(self, row: dict) -> None:
+        if not self.dist.main:
+            return
         append_jsonl(self.run_dir / "metrics.jsonl", [row])
         for t in self.trackers:  # output.report_to: every numeric value at the row's rollout step
             t.log(row, int(row.get("step", self.rollout_step)))
@@ -455,17 +482,22 @@ class Trainer:
             "first_reward": self.first_reward,
             "last_reward": self.last_reward,
             "eval_history": self.eval_history,
-            "rollout_backend": type(self.sampler).__name__,
+            "rollout_backend": self._backend_name(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-                    "python_version": random.getstate()[0]},
+            "rng": _rng_state(),
         }
-        if torch.cuda.is_available():
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        if self.dist.world > 1:  # every rank's generators (a collective: every rank calls save)
+            state["world"] = self.dist.world
+            state["rng_ranks"] = gather_object(state["rng"], self.dist)
         if self.buffer is not None:
             state["buffer"] = self.buffer.state_dict()
+        if not self.dist.main:
+            return self.ckpt_dir / f"step_{self.rollout_step}"
         return save_checkpoint(self.ckpt_dir, self.rollout_step, self.model, state, keep_last=self.cfg.output.keep_last)
+
+    def _backend_name(self) -> str:
+        return type(getattr(self.sampler, "inner", self.sampler)).__name__
 
     def _resume(self) -> None:
         ck = latest_checkpoint(self.ckpt_dir)
@@ -473,11 +505,15 @@ class Trainer:
             # killed before its first checkpoint: nothing to restore, start over in the same directory
             msg = f"resume: {self.run_dir} has no complete checkpoint yet; starting it from step 0 with its saved config"
             log.warning(msg)
-            print(f"tokencredit: {msg}", flush=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
-            (self.run_dir / "metrics.jsonl").write_text("")
+            if self.dist.main:
+                print(f"tokencredit: {msg}", flush=True)
+                (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+                (self.run_dir / "metrics.jsonl").write_text("")
             return
         st = load_checkpoint(ck, self.model)
+        if int(st.get("world", 1)) != self.dist.world:
+            raise ConfigError(f"resume: {ck} was written by {st.get('world', 1)} process(es); resume it with the same number "
+                              f"(torchrun --nproc_per_node {st.get('world', 1)}), not {self.dist.world}")
         self.rollout_step = st["rollout_step"]
         self.prompt_cursor = st.get("prompt_cursor", self.rollout_step * self.cfg.rollout.prompts_per_step)
         self.ds_surplus_total = st.get("ds_surplus_total", 0)
@@ -488,24 +524,36 @@ class Trainer:
         self.eval_history = [tuple(x) for x in st["eval_history"]]
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
-        rng = st["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_pos"]))
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        _set_rng_state(st["rng_ranks"][self.dist.rank] if "rng_ranks" in st else st["rng"])
         if self.buffer is not None and "buffer" in st:
             self.buffer.load_state_dict(st["buffer"])
         # drop metric rows logged after the checkpoint (the killed run's tail)
         mpath = self.run_dir / "metrics.jsonl"
-        if mpath.exists():
+        if mpath.exists() and self.dist.main:
             write_jsonl(mpath, [r for r in read_jsonl(mpath) if r.get("step", 0) <= self.rollout_step and not r.get("final")])
-        was = st.get("rollout_backend")
-        if was is not None and was != type(self.sampler).__name__:
-            msg = f"resume: the run sampled with {was} and continues with {type(self.sampler).__name__} (rollout.backend)"
+        was, now = st.get("rollout_backend"), self._backend_name()
+        if was is not None and was != now and self.dist.main:
+            msg = f"resume: the run sampled with {was} and continues with {now} (rollout.backend)"
             log.warning(msg)
             print(f"tokencredit: {msg}", flush=True)
         self.sampler.sync_weights(self.model, self.policy_version)
         log.info("resumed from %s (rollout step %d)", ck, self.rollout_step)
+
+
+def _rng_state() -> dict:
+    """This process's torch (+ CUDA) and python RNG states, checkpoint-ready."""
+    py = random.getstate()
+    out = {"torch": torch.get_rng_state(), "python": list(py[1]), "python_pos": py[2], "python_version": py[0]}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_pos"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _eval_row(e: EvalResult) -> dict[str, float]:
