@@ -92,12 +92,15 @@ def test_rank_rows_keeps_groups_whole_and_refuses_idle_ranks():
         rank_rows(gid, 0, 5)
 
 
-def _torchrun(tmp_path, nproc: int, name: str, steps: int, resume: bool = False) -> dict:
-    """`torchrun --nproc_per_node nproc -m tokencredit train` on the tiny model (greedy,
-    so 1 and 2 processes sample the same tokens); returns the run's metrics rows."""
+def _torchrun(tmp_path, nproc: int, name: str, steps: int, resume: bool = False, kill_at: int | None = None) -> list[dict]:
+    """`torchrun --nproc_per_node nproc -m tokencredit train` on the tiny model; returns
+    the run's metrics rows. kill_at: SIGKILL the whole process group as soon as
+    checkpoint step_{kill_at} exists (a crash), and return []."""
     import json
+    import signal
     import subprocess
     import sys
+    import time
 
     data, rew = tmp_path / "digits.jsonl", tmp_path / "rew.py"
     if not data.exists():
@@ -114,32 +117,46 @@ def _torchrun(tmp_path, nproc: int, name: str, steps: int, resume: bool = False)
            "rollout.n=1", "rollout.max_new_tokens=6", "rollout.temperature=0", "train.mini_batch_size=3", "train.micro_batch_size=2",
            "train.lr=1e-3", "eval.num_problems=0", "output.save_every=1", "output.progress=false", "output.save_final=false",
            "batching.reward_balance.tau=null", "batching.planner=query_preserved", "probes.flip.every=1", "model.threads=1",
-           "token_weights.method=w_reinforce",
+           "token_weights.method=w_reinforce", "output.rank_logs=true",
            f"output.root={tmp_path}", f"output.run_name={name}", f"reward.functions=[{rew}:reward]"]
     if resume:
         run = ["train", "--resume", str(tmp_path / name), f"train.steps={steps}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "-m", "tokencredit", *run]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if kill_at is not None:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        target = tmp_path / name / "checkpoints" / f"step_{kill_at}"
+        t0 = time.time()
+        while not target.is_dir() and proc.poll() is None and time.time() - t0 < 240:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return []
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_torchrun_two_ranks_train_like_one_and_resume_exactly(tmp_path):
+def test_torchrun_two_ranks_train_like_one_and_survive_a_kill(tmp_path):
     """The same run on 1 and 2 processes: the same rollouts and rewards, the same
-    first-step gradient norm (one global normaliser), flip fractions from the whole
-    update set; a 2-process run resumed after step 1 ends bit-identical."""
+    first-step gradient norm (one global normaliser), flip statistics over the whole
+    update set; a 2-process run killed (SIGKILL) after its first checkpoint and resumed
+    ends bit-identical to the uninterrupted one; every rank wrote its own log."""
     from safetensors.torch import load_file
 
-    one = _torchrun(tmp_path, 1, "one", 2)
-    two = _torchrun(tmp_path, 2, "two", 2)
-    assert [r["reward_mean"] for r in one] == [r["reward_mean"] for r in two]
+    one = _torchrun(tmp_path, 1, "one", 1)
+    two = _torchrun(tmp_path, 2, "two", 3)
+    assert one[0]["reward_mean"] == two[0]["reward_mean"]
     assert "grad_norm" in one[0], "precondition: the first step trained"
     assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-5)
     assert two[0]["grad_norm"] != pytest.approx(0.0)
     assert two[0]["flip_all_mean_abs"] == pytest.approx(one[0]["flip_all_mean_abs"], rel=1e-4)  # the whole update set, every rank
-    _torchrun(tmp_path, 2, "part", 1)
-    _torchrun(tmp_path, 2, "part", 2, resume=True)
-    a = load_file(str(tmp_path / "two" / "checkpoints" / "step_2" / "model.safetensors"))
-    b = load_file(str(tmp_path / "part" / "checkpoints" / "step_2" / "model.safetensors"))
+    assert sorted(p.name for p in (tmp_path / "two" / "logs").iterdir()) == ["rank_0.log", "rank_1.log"]
+    _torchrun(tmp_path, 2, "killed", 3, kill_at=1)
+    done = sorted(d.name for d in (tmp_path / "killed" / "checkpoints").iterdir() if d.name.startswith("step_"))
+    assert "step_1" in done and "step_3" not in done, done  # killed mid-run, after its first checkpoint
+    rows = _torchrun(tmp_path, 2, "killed", 3, resume=True)
+    assert [r["step"] for r in rows] == [1, 2, 3]  # the killed run's tail was dropped, no step twice
+    a = load_file(str(tmp_path / "two" / "checkpoints" / "step_3" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "checkpoints" / "step_3" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

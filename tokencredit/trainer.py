@@ -155,6 +155,12 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.output.rank_logs and self.dist.world > 1:
+            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(self.run_dir / "logs" / f"rank_{self.dist.rank}.log")
+            handler.setFormatter(logging.Formatter(f"%(asctime)s rank {self.dist.rank} %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger("tokencredit").addHandler(handler)
+            log.info("rank %d of %d (%s), run %s", self.dist.rank, self.dist.world, self.dist.backend, self.run_dir)
         if resume:
             self._resume()
         elif self.dist.main:
