@@ -201,7 +201,7 @@ def shard_model(model: torch.nn.Module, mode: str = "fsdp2") -> torch.nn.Module:
     return model
 
 
-def average_gradients(params: Sequence[torch.nn.Parameter], info: DistInfo | None = None) -> None:
+def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     """DDP's gradient step by hand: every gradient averaged over ranks (all-reduce / world)."""
     world = dist.get_world_size()
     for p in params:  # every rank all-reduces every parameter, in the same order

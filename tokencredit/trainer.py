@@ -11,7 +11,8 @@ Where each concern lives: prompts data/promptset.py; sampling rollout/
 (backend registry, rollout step); math algo/ and batching.py; the optimizer
 step update.py; run-directory files rundir.py; this file only wires them.
 
-Deliberate simplifications: single process; the model stays in eval mode (no
+Deliberate simplifications: data parallelism (torchrun) replicates the model and
+gives every rank the whole gathered rollout batch (tokencredit/dist.py); the model stays in eval mode (no
 dropout) so every forward is deterministic; the reference model for KL is a frozen
 copy kept only when `algo.kl_coef > 0`; token-weight quantiles use the entropies
 of the policy at the start of the update (not after earlier mini-batch steps).
@@ -85,7 +86,7 @@ class EvalResult:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, resume: bool = False, model=None, tokenizer=None):
         from tokencredit.model import load_model
-        from tokencredit.rewards.functions import RewardFunctions
+        from tokencredit.rewards.functions import start_reward_functions
 
         self.cfg = cfg
         # a missing tracker extra fails here, before the model loads (tokencredit/tracking.py)
@@ -100,12 +101,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + 1_000_003 * self.dist.rank)  # rank 0 samples as one process would
         random.seed(cfg.train.seed + 1_000_003 * self.dist.rank)
         # reward.functions load in their worker processes before the model: a bad spec fails in seconds
-        rc = cfg.reward
-        self.verifier = RewardFunctions(rc.functions, rc.weights, rc.timeout_s)
-        try:
-            self.verifier.start()
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.verifier = start_reward_functions(cfg.reward)
         self.device = resolve_device(cfg.model.device)
         if model is None:
             model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, device=str(self.device))

@@ -133,20 +133,14 @@ def sample_batch(ctx: ProbeContext, seed: int):
     prompts_per_step; 0 without a checkpoint), rows tagged with its policy
     version, rewards from the run's reward.functions. torch is seeded with `seed`
     just before sampling. Returns (RolloutBatch, rollout metrics)."""
-    from tokencredit.config import ConfigError
     from tokencredit.data.promptset import build_prompt_set
-    from tokencredit.rewards.functions import RewardFunctions
+    from tokencredit.rewards.functions import start_reward_functions
     from tokencredit.rollout import make_sampler, rollout_step
 
     cfg, st = ctx.cfg, ctx.state
     step = int(st.get("rollout_step", 0))
     cursor = int(st.get("prompt_cursor", step * cfg.rollout.prompts_per_step))
-    rc = cfg.reward
-    verifier = RewardFunctions(rc.functions, rc.weights, rc.timeout_s)
-    try:
-        verifier.start()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    verifier = start_reward_functions(cfg.reward)
     try:
         prompts = build_prompt_set(cfg, ctx.tokenizer, "train")
         sampler = make_sampler(ctx.model, ctx.tokenizer, cfg, policy_version=int(st.get("policy_version", 0)))

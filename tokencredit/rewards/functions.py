@@ -379,6 +379,18 @@ def _close_all() -> None:
         rf.close()
 
 
+def start_reward_functions(reward_cfg) -> RewardFunctions:
+    """The run's `reward` config section as started RewardFunctions; a spec that
+    cannot be loaded is one ConfigError line (before any model is loaded)."""
+    from tokencredit.config import ConfigError  # config imports the rollout registry, which imports this module
+
+    rf = RewardFunctions(reward_cfg.functions, reward_cfg.weights, reward_cfg.timeout_s)
+    try:
+        return rf.start()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def merge_stats(parts: Sequence[tuple[int, dict[str, float]]]) -> dict[str, float]:
     """Stats of several calls (rows, stats) as one: `/mean` keys are row-weighted
     means, every other key (the cumulative `/failures`) takes its last value."""

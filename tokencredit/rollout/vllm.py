@@ -31,7 +31,6 @@ sleep mode only on GPU and untested here; no LoRA; text-only.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import random
 import tempfile
@@ -41,8 +40,6 @@ import torch
 from tokencredit.batch import RolloutBatch
 from tokencredit.config import ConfigError
 from tokencredit.rollout.hf import _eos_ids, response_mask_from_ids
-
-log = logging.getLogger("tokencredit")
 
 INSTALL_HINT = "make install-vllm (pip install -e '.[vllm]', then pip uninstall -y torchvision torchaudio torchcodec)"
 CPU_KV_CACHE_GIB = 1.0
