@@ -301,7 +301,7 @@ class Trainer:
         mine = mini.select(rank_rows(mini.group_id, self.dist.rank, self.dist.world))
         n = loss_normaliser(micros, self.loss_spec) / self.dist.world
         mb = self.cfg.train.micro_batch_size
-        return (micro_batches(mine, mb) if len(mine) else []), {"normaliser": n, "grad_sync": average_gradients}
+        return micro_batches(mine, mb), {"normaliser": n, "grad_sync": average_gradients}  # [] when no group is ours
 
     def _sampler_correction(self, batch: RolloutBatch) -> dict[str, float]:
         """With a sampler that reports its log-probs (vllm): the gap to the trainer's
