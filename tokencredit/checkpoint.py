@@ -51,8 +51,11 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep_last: int = 2) -> Path:
-    """Write `ckpt_root/step_{step}` atomically; prune older ones beyond keep_last."""
+def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep_last: int = 2,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `ckpt_root/step_{step}` atomically; prune older ones beyond keep_last.
+    weights: {name: tensor} to store instead of `model`'s own (an FSDP2 model's
+    gathered full weights, one name per tied parameter)."""
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
@@ -60,7 +63,10 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, st
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    if weights is None:
+        save_model(model, str(tmp / "model.safetensors"))
+    else:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
     tensors: dict[str, torch.Tensor] = {}
     meta = _flatten(state, "", tensors)
     save_file(tensors, str(tmp / "state.safetensors"))
@@ -78,11 +84,22 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, st
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
     """Load weights into `model` (in place) and return the state dict."""
+    st = read_checkpoint(path)
+    load_model(model, str(Path(path) / "model.safetensors"))
+    return st
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """{name: tensor} of a checkpoint's model.safetensors (tied aliases stored once)."""
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's state (counters, optimizer, RNG, buffer), without touching a model."""
     p = Path(path)
     missing = [f for f in ("model.safetensors", "state.safetensors", "state.json") if not (p / f).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint {p} is incomplete (missing {', '.join(missing)})")
-    load_model(model, str(p / "model.safetensors"))
     tensors = load_file(str(p / "state.safetensors"))
     meta = json.loads((p / "state.json").read_text())
     return _unflatten(meta, tensors)

@@ -123,6 +123,8 @@ class TrainConfig(_Section):
     mini_batch_size: int = Field(2, gt=0, description="Prompts per optimizer step (rows = mini_batch_size * rollout.n). Paper: 32 of 128 -> 4 optimizer steps per rollout batch.")
     micro_batch_size: int = Field(16, gt=0, description="Rows per forward/backward (gradient accumulation inside a mini-batch; does not change the gradient).")
     seed: int = Field(0, description="Seed for data order, sampling, planners and probes.")
+    data_parallel: Literal["fsdp2", "ddp"] = Field("ddp", description="Under torchrun (WORLD_SIZE > 1): ddp (default) = parameters replicated, gradients all-reduced; fsdp2 (experimental: trains and resumes under torchrun, but the per-planner update test still deadlocks on some batch, issue 14) = torch's fully_shard on every decoder layer and the root (parameters, gradients and optimizer state sharded over the ranks; bf16 compute / fp32 gradient reduction on GPU), the engine torchtitan and TRL use. Either way one global loss normaliser per optimizer step, so the gradient equals one process's (README 'Scaling out'). Ignored on one process.")
+    dist_timeout_s: float = Field(600.0, gt=0.0, description="Under torchrun: seconds any collective may wait; when a rank dies, the others fail within this time instead of hanging, and the last complete checkpoint stays usable.")
 
 
 class RewardBalanceConfig(_Section):

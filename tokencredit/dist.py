@@ -152,52 +152,57 @@ def rank_normaliser(local_count: float, info: DistInfo) -> float:
     return all_reduce_sum(local_count, info) / info.world
 
 
-def rank_rows(group_id: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """[R] row indices of the whole groups rank `rank` holds: the distinct groups
-    (in order of first appearance) dealt round-robin over the ranks.
+def rank_rows(group_id: torch.Tensor, rank: int, world: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """[R] row indices of the whole groups rank `rank` holds.
 
-    group_id: [B]. Raises when there are fewer groups than ranks (a rank would
-    have nothing to train on, and its collectives would not match)."""
+    group_id: [B]; tokens: [B] response lengths or None. Without tokens the
+    distinct groups (in order of first appearance) are dealt round-robin; with
+    tokens, largest group first to the rank with the fewest tokens so far (ties:
+    lower rank), which balances the ranks' backward work. A pure function of the
+    batch, so every rank computes every rank's share. A rank may get no group
+    (fewer groups than ranks): it then runs zero-weight passes only."""
     order = list(dict.fromkeys(group_id.tolist()))  # groups in order of appearance
-    if len(order) < world:
-        raise ValueError(f"{len(order)} groups cannot be spread over {world} ranks: give every rank at least one "
-                         "(rollout.prompts_per_step >= nproc_per_node)")
-    mine = torch.tensor(order[rank::world], dtype=group_id.dtype)
-    return torch.isin(group_id, mine).nonzero().squeeze(1)
+    if tokens is None:
+        mine = order[rank::world]
+    else:
+        size = {g: 0 for g in order}
+        for g, n in zip(group_id.tolist(), tokens.tolist()):
+            size[g] += int(n)
+        load, owner = [0] * world, {}
+        for g in sorted(order, key=lambda g: -size[g]):  # stable: equal sizes keep their order
+            r = min(range(world), key=lambda r: (load[r], r))
+            owner[g], load[r] = r, load[r] + size[g]
+        mine = [g for g in order if owner[g] == rank]
+    return torch.isin(group_id, torch.tensor(mine, dtype=group_id.dtype)).nonzero().squeeze(1)
 
 
-def shard_model(model: torch.nn.Module, mode: str = "fsdp2") -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, mode: str = "fsdp2", mixed_precision: bool = False) -> torch.nn.Module:
     """Data parallelism for `model` in place.
 
-    "fsdp2": `fully_shard` on every decoder layer, on the decoder body
-    (embeddings, final norm) and on the LM head - not on the root, because the
-    chunked forward (model/forward.py) calls the body and the head directly, never
-    `model.forward`. Parameters become DTensors; gradients are averaged over ranks
-    in backward. Tied input/output embeddings are refused (one parameter in two
-    sharded modules).
-    "ddp": parameters stay replicated; pass `average_gradients` as
-    `optimizer_step(grad_sync=)` (the chunked forward bypasses
-    DistributedDataParallel's own forward, so its reducer cannot be used).
+    "fsdp2": `fully_shard` on every decoder layer and then on the root (which
+    keeps the embeddings, the final norm and the LM head, tied or not: a tied
+    weight is one parameter of one group). Parameters become DTensors sharded
+    over the ranks; gradients are averaged over ranks in backward. The chunked
+    forward (model/forward.py) calls the body and the head directly, so it runs
+    inside the root's `__call__` (`through_root`) for the root's hooks to fire.
+    mixed_precision (GPU): bf16 parameters for compute, fp32 gradient reduction
+    (`MixedPrecisionPolicy`); the sharded master weights keep their dtype.
+    "ddp": parameters stay replicated (every rank starts from rank 0's weights);
+    pass `average_gradients` as `optimizer_step(grad_sync=)` (the chunked forward
+    bypasses DistributedDataParallel's own forward, so its reducer cannot be used).
     """
     if mode == "ddp":
-        for p in model.parameters():  # every rank starts from rank 0's weights
+        for p in model.parameters():
             dist.broadcast(p.data, src=0)
         return model
     if mode != "fsdp2":
         raise ValueError(f"data-parallel mode must be fsdp2 or ddp, got {mode!r}")
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from tokencredit.model.forward import _decoder
-
-    head = model.get_output_embeddings()
-    body = _decoder(model)
-    if head is not None and head.weight is body.get_input_embeddings().weight:
-        raise ValueError(f"{type(model).__name__} ties its input and output embeddings: FSDP2 here needs them untied "
-                         "(or use ddp)")
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
     for layer in _decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(body)
-    fully_shard(head)
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     return model
 
 
@@ -215,6 +220,70 @@ def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """{name: full gradient} on every rank (FSDP2 DTensor gradients gathered)."""
     return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
             for n, p in model.named_parameters() if p.grad is not None}
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, everywhere: bool = False):
+    """(weights, optimizer state) of an FSDP2 model as full CPU tensors: a collective
+    (every rank calls it). On rank 0 (every rank with everywhere=True) the weights are
+    {name: tensor} without tied aliases (one name per parameter, as safetensors
+    stores them) and the optimizer state is keyed by parameter name (torch's
+    `get_optimizer_state_dict` layout; None without an optimizer); {} / None on the
+    other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
+    weights = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    if everywhere:
+        weights, osd = broadcast_object((weights, osd), DistInfo(dist.get_rank(), dist.get_world_size()))
+    if not weights:
+        return {}, None
+    return {k: v for k, v in weights.items() if k in _unique_names(model)}, osd
+
+
+def load_full_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], optimizer=None, optimizer_state=None) -> None:
+    """Load full (unsharded) weights, and optionally a `full_state` optimizer state, into an
+    FSDP2 model: each rank keeps its own shard. Every rank passes the same full tensors
+    (each reads the checkpoint file). Tied aliases missing from `weights` are filled in."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True)
+    by_param: dict[int, torch.Tensor] = {}
+    names = dict(model.named_parameters(remove_duplicate=False))
+    for k, v in weights.items():
+        if k in names:
+            by_param[id(names[k])] = v
+    full = dict(weights)
+    for k, p in names.items():  # a tied alias gets its parameter's tensor
+        if k not in full and id(p) in by_param:
+            full[k] = by_param[id(p)]
+    set_model_state_dict(model, full, options=opts)
+    if optimizer is not None and optimizer_state is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=opts)
+
+
+def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A plain (not sharded) CPU copy of an FSDP2 model on rank 0, None on the other ranks;
+    a collective. For writing a Hugging Face model directory (export) from rank 0."""
+    weights, _ = full_state(model)
+    if dist.get_rank() != 0:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_config(model.config, torch_dtype=next(iter(weights.values())).dtype)
+    result = plain.load_state_dict(weights, strict=False)
+    unique = _unique_names(plain)
+    missing = [k for k in result.missing_keys if k in unique]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"unsharded copy: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return plain.eval()
+
+
+def _unique_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names with one name per parameter object (tied aliases dropped)."""
+    keep = {n for n, _ in model.named_parameters()}  # named_parameters drops duplicates
+    keep |= {n for n, _ in model.named_buffers()}
+    return keep
 
 
 def _decoder_layers(model) -> Sequence[torch.nn.Module]:

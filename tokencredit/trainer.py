@@ -40,10 +40,11 @@ from tokencredit.algo.importance import sampler_gap, tis_weights
 from tokencredit.algo.token_weights import SAMPLE_POLARITY_METHODS, compute_token_weights, method_params
 from tokencredit.batch import RolloutBatch
 from tokencredit.batching import PLANNERS, RewardBalancedBuffer, advantage_sign, minibatch_metrics
-from tokencredit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tokencredit.checkpoint import latest_checkpoint, load_checkpoint, load_weights, read_checkpoint, save_checkpoint
 from tokencredit.config import Config, ConfigError, dump_config
 from tokencredit.data.promptset import build_prompt_set
-from tokencredit.dist import RankSampler, average_gradients, broadcast_object, gather_object, init_distributed, rank_rows
+from tokencredit.dist import (RankSampler, average_gradients, broadcast_object, full_state, gather_object, init_distributed,
+                              load_full_state, rank_rows, shard_model, unsharded_copy)
 from tokencredit.model.forward import forward_rows
 from tokencredit.model.load import resolve_device
 from tokencredit.probes.flip import flip_records, flip_stats
@@ -92,10 +93,9 @@ class Trainer:
         # a missing tracker extra fails here, before the model loads (tokencredit/tracking.py)
         require_extras(cfg.output.report_to)
         self.trackers: list[Tracker] = []  # opened when train() starts, closed when it ends
-        self.dist = init_distributed()  # torchrun: data parallel over WORLD_SIZE ranks (tokencredit/dist.py)
-        if self.dist.world > 1 and cfg.rollout.prompts_per_step % self.dist.world:
-            raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the {self.dist.world} "
-                              "ranks (each rank samples whole groups); change it or --nproc_per_node")
+        self.dist = init_distributed(cfg.train.dist_timeout_s)  # torchrun: data parallel over WORLD_SIZE ranks (tokencredit/dist.py)
+        _check_world(cfg, self.dist.world)  # before the model loads
+        self.fsdp = self.dist.world > 1 and cfg.train.data_parallel == "fsdp2"
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
         torch.manual_seed(cfg.train.seed + 1_000_003 * self.dist.rank)  # rank 0 samples as one process would
@@ -110,8 +110,10 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_model = None
-        if cfg.algo.kl_coef > 0:
+        if cfg.algo.kl_coef > 0:  # replicated on every rank, also under FSDP2 (no-grad forwards only)
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
+        if self.dist.world > 1:
+            shard_model(self.model, cfg.train.data_parallel, mixed_precision=self.fsdp and self.device.type == "cuda")
 
         # ---- data: rendered prompts + answers (filtered by length), the held-out set
         self.prompt_set = build_prompt_set(cfg, self.tokenizer, "train")
@@ -295,13 +297,18 @@ class Trainer:
         process: all of them. Data parallel: this rank's whole groups of the
         mini-batch, the global normaliser / world size, gradients averaged over
         ranks (tokencredit/dist.py)."""
-        if self.dist.world <= 1:
+        W = self.dist.world
+        if W <= 1:
             return micros, {}
         mini = micros[0] if len(micros) == 1 else RolloutBatch.concat(micros)  # keeps micro-scope token weights
-        mine = mini.select(rank_rows(mini.group_id, self.dist.rank, self.dist.world))
-        n = loss_normaliser(micros, self.loss_spec) / self.dist.world
+        shares = [rank_rows(mini.group_id, r, W, tokens=mini.response_lengths) for r in range(W)]  # every rank's, token-balanced
         mb = self.cfg.train.micro_batch_size
-        return micro_batches(mine, mb), {"normaliser": n, "grad_sync": average_gradients}  # [] when no group is ours
+        mine = micro_batches(mini.select(shares[self.dist.rank]), mb) if len(shares[self.dist.rank]) else []
+        kw = {"normaliser": loss_normaliser(micros, self.loss_spec) / W}  # the global count / W (DP averages gradients)
+        if not self.fsdp:
+            return mine, kw | {"grad_sync": average_gradients}
+        passes = max(-(-len(s) // mb) for s in shares)  # FSDP2: every rank runs as many passes as the busiest
+        return mine, kw | {"zero_weight_micros": [mini.select([0])] * (passes - len(mine))}
 
     def _sampler_correction(self, batch: RolloutBatch) -> dict[str, float]:
         """With a sampler that reports its log-probs (vllm): the gap to the trainer's
@@ -452,13 +459,16 @@ class Trainer:
             self._log({"step": self.rollout_step, **_eval_row(e), "final": True})
             summary["eval_accuracy_start"] = self.eval_history[0][1]
             summary["eval_accuracy_end"] = e.accuracy
+        final = self.model
+        if self.fsdp and cfg.output.save_final:
+            final = unsharded_copy(self.model)  # a collective; the plain model on rank 0
         if not self.dist.main:
             return summary
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.output.save_final:  # RUN_DIR/final/: a Hugging Face model directory (tokencredit/export.py)
             from tokencredit.export import export_final
 
-            export_final(self.model, self.tokenizer, self.run_dir, dump_config(cfg), summary)
+            export_final(final, self.tokenizer, self.run_dir, dump_config(cfg), summary)
         for t in self.trackers:
             t.summary(summary)
             t.close()
@@ -485,18 +495,23 @@ class Trainer:
             "last_reward": self.last_reward,
             "eval_history": self.eval_history,
             "rollout_backend": self._backend_name(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(),
         }
+        weights = None  # None: the model's own state dict
+        if self.fsdp:  # full weights and optimizer state gathered to rank 0 (a collective), keyed by name
+            weights, state["optimizer"] = full_state(self.model, self.optimizer)
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
         if self.dist.world > 1:  # every rank's generators (a collective: every rank calls save)
             state["world"] = self.dist.world
+            state["data_parallel"] = self.cfg.train.data_parallel
             state["rng_ranks"] = gather_object(state["rng"], self.dist)
         if self.buffer is not None:
             state["buffer"] = self.buffer.state_dict()
         if not self.dist.main:
             return self.ckpt_dir / f"step_{self.rollout_step}"
-        return save_checkpoint(self.ckpt_dir, self.rollout_step, self.model, state, keep_last=self.cfg.output.keep_last)
+        return save_checkpoint(self.ckpt_dir, self.rollout_step, self.model, state, keep_last=self.cfg.output.keep_last, weights=weights)
 
     def _backend_name(self) -> str:
         return type(getattr(self.sampler, "inner", self.sampler)).__name__
@@ -512,10 +527,14 @@ class Trainer:
                 (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
                 (self.run_dir / "metrics.jsonl").write_text("")
             return
-        st = load_checkpoint(ck, self.model)
+        st = read_checkpoint(ck)
         if int(st.get("world", 1)) != self.dist.world:
             raise ConfigError(f"resume: {ck} was written by {st.get('world', 1)} process(es); resume it with the same number "
                               f"(torchrun --nproc_per_node {st.get('world', 1)}), not {self.dist.world}")
+        was_dp = st.get("data_parallel", self.cfg.train.data_parallel)
+        if self.dist.world > 1 and was_dp != self.cfg.train.data_parallel:
+            raise ConfigError(f"resume: {ck} was written with train.data_parallel={was_dp}; resume it with that, "
+                              f"not {self.cfg.train.data_parallel}")
         self.rollout_step = st["rollout_step"]
         self.prompt_cursor = st.get("prompt_cursor", self.rollout_step * self.cfg.rollout.prompts_per_step)
         self.ds_surplus_total = st.get("ds_surplus_total", 0)
@@ -524,7 +543,11 @@ class Trainer:
         self.tokens_generated = st["tokens_generated"]
         self.first_reward, self.last_reward = st["first_reward"], st["last_reward"]
         self.eval_history = [tuple(x) for x in st["eval_history"]]
-        self.optimizer.load_state_dict(st["optimizer"])
+        if self.fsdp:  # every rank reads the full tensors and keeps its shard
+            load_full_state(self.model, load_weights(ck), self.optimizer, st["optimizer"])
+        else:
+            load_checkpoint(ck, self.model)
+            self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         _set_rng_state(st["rng_ranks"][self.dist.rank] if "rng_ranks" in st else st["rng"])
         if self.buffer is not None and "buffer" in st:
@@ -540,6 +563,18 @@ class Trainer:
             print(f"tokencredit: {msg}", flush=True)
         self.sampler.sync_weights(self.model, self.policy_version)
         log.info("resumed from %s (rollout step %d)", ck, self.rollout_step)
+
+
+def _check_world(cfg: Config, world: int) -> None:
+    """Batch sizes that cannot be split over `world` torchrun ranks: one line, before any model loads."""
+    if world <= 1:
+        return
+    if cfg.rollout.prompts_per_step % world:
+        raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the {world} "
+                          "ranks (each rank samples whole groups); change it or --nproc_per_node")
+    if cfg.train.mini_batch_size < world:
+        raise ConfigError(f"train.mini_batch_size={cfg.train.mini_batch_size} prompts per optimizer step cannot keep {world} ranks "
+                          f"busy (each rank trains whole groups); set it >= {world} or use fewer processes (--nproc_per_node)")
 
 
 def _rng_state() -> dict:

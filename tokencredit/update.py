@@ -81,6 +81,7 @@ def optimizer_step(
     ref_model: torch.nn.Module | None = None,
     train_mode: bool = False,
     grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    zero_weight_micros: Sequence[RolloutBatch] = (),
 ) -> dict[str, list[float]]:
     """zero_grad, forward + backward of every micro-batch against one normaliser,
     clip, optimizer.step(). Rows need `old_logprob` [B, T] and `advantage` [B]
@@ -91,6 +92,10 @@ def optimizer_step(
     activations only in train mode); it is put back in eval mode afterwards.
     grad_sync: called with the parameters after the last backward, before the
     clip (data parallelism without FSDP2: `dist.average_gradients`).
+    zero_weight_micros: extra micro-batches run forward and backward with their
+    loss multiplied by 0, so that every rank runs the same number of passes per
+    optimizer step (FSDP2's gathers and reductions are collectives inside them);
+    they change neither the gradient nor the stats.
     Returns stats as lists (one entry per micro-batch; "grad_norm" one entry):
     policy_loss's stats, "pg_loss", "kl" (with ref_model).
     """
@@ -103,7 +108,8 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     model.train(train_mode)
     try:
-        for u in micros:
+        for i, u in enumerate([*micros, *zero_weight_micros]):
+            live = i < len(micros)
             u = u.to(dev)
             lp = forward_tokens(model, u, temperature=temperature, chunk_tokens=chunk_tokens, with_entropy=False)["logprob"]  # [b, t]
             t = lp.shape[1]
@@ -120,7 +126,9 @@ def optimizer_step(
                 lm = loss_mask(u.response_mask, u.token_weight, spec.denominator)
                 loss = loss + spec.kl_coef * aggregate(kl, lm, spec.agg, n)
                 st["kl"] = float(masked_mean(kl.detach(), u.response_mask))
-            loss.backward()
+            (loss if live else loss * 0.0).backward()
+            if not live:
+                continue
             for k, v in st.items():
                 stats.setdefault(k, []).append(float(v))
     finally:

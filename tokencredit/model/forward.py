@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tokencredit.batch import RolloutBatch
 
-__all__ = ["forward_rows", "forward_tokens", "lm_head_inputs", "naive_token_logprobs"]
+__all__ = ["forward_rows", "forward_tokens", "is_fsdp", "lm_head_inputs", "naive_token_logprobs", "through_root"]
 
 
 # ----------------------------------------------------------------- public API
@@ -72,6 +72,9 @@ def forward_tokens(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if needs_root_call(model):  # FSDP2: run inside the root's __call__ (see `through_root`)
+        return through_root(model, lambda: forward_tokens(model, batch, temperature=temperature, chunk_tokens=chunk_tokens,
+                                                          with_entropy=with_entropy, with_hidden=with_hidden))
 
     h_all, h_mid, (b_idx, t_idx, pos) = _body(model, batch, with_hidden=with_hidden)
     B, T = batch.response_ids.shape
@@ -194,6 +197,37 @@ def naive_token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -
     mask = batch.response_mask.to(dev) > 0
     zero = torch.zeros((), dtype=torch.float32, device=dev)
     return {"logprob": torch.where(mask, lp, zero), "entropy": torch.where(mask, ent, zero)}
+
+
+# ---------------------------------------------------------------- FSDP2
+def is_fsdp(model) -> bool:
+    """True when `fully_shard` (FSDP2) was applied to `model` itself (the root)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def needs_root_call(model) -> bool:
+    """An FSDP2 root that is not already running its own `__call__`."""
+    return is_fsdp(model) and not getattr(model, "_tc_in_root_call", False)
+
+
+def through_root(model, fn):
+    """`fn()` run as the forward of FSDP2 root `model`, so that its forward hooks fire.
+
+    This file never calls `model.forward` (the decoder body and the LM head are
+    called directly, to keep `[N, V]` logits out of memory), but FSDP2 gathers
+    the root's own parameters (embeddings, final norm, LM head: tied ones
+    included) in the root's pre-forward hook and reduce-scatters their gradients
+    from the backward hooks it puts on the root's outputs. So the root is called
+    with `fn` as its forward for this one call (an instance attribute shadows the
+    class's forward), and `fn`'s returned tensors carry those hooks."""
+    model.forward, model._tc_in_root_call = fn, True
+    try:
+        return model()
+    finally:
+        del model.forward
+        model._tc_in_root_call = False
 
 
 # ---------------------------------------------------------------- internals

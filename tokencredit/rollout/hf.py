@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from tokencredit.batch import RolloutBatch
+from tokencredit.model.forward import is_fsdp, through_root
 
 
 HF_CACHES = ("auto", "dynamic", "static")
@@ -43,26 +44,31 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: list[int]) -> tu
 
 
 @torch.no_grad()
-def _shared_prompt_cache(model, ids: torch.Tensor, am: torch.Tensor):
+def _shared_prompt_cache(model, ids: torch.Tensor, am: torch.Tensor, share: bool | None = None):
     """KV cache of every prompt but its last token, computed once per distinct prompt and copied to
     its rows; None when fewer than half the rows share a prompt. `generate` then prefills only the
     last prompt token: the n rows of a group no longer recompute one prompt n times.
 
-    ids, am: [R, P] left-padded prompt rows of one generate call.
+    ids, am: [R, P] left-padded prompt rows of one generate call. share: decided by the caller
+    (under FSDP2 every rank must take the same path, whatever its own prompts); None = by the rows.
     """
     from transformers import DynamicCache
 
     dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if dec is None or dec is model or ids.shape[1] < 2:
+    if dec is None or dec is model or share is False:
         return None
     uniq, inv = torch.unique(torch.cat([ids, am], dim=1), dim=0, return_inverse=True)  # [U, 2P], [R]
-    if 2 * uniq.shape[0] > ids.shape[0]:
+    if share is None and (ids.shape[1] < 2 or 2 * uniq.shape[0] > ids.shape[0]):
         return None
     P = ids.shape[1]
     u_ids, u_mask = uniq[:, : P - 1], uniq[:, P : 2 * P - 1]  # [U, P-1]
     cache = DynamicCache(config=model.config)
-    dec(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0),
-        past_key_values=cache, use_cache=True)
+
+    def prefill():
+        return dec(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0),
+                   past_key_values=cache, use_cache=True).last_hidden_state
+
+    through_root(model, prefill) if is_fsdp(model) else prefill()
     cache.batch_select_indices(inv)  # [U, ...] -> [R, ...]
     return cache
 
@@ -117,13 +123,19 @@ def generate_hf(
     else:
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
 
+    # FSDP2 (torchrun): every decoding step gathers parameters, a collective, so all ranks step until the
+    # last one is done (synced_gpus) and all take the same prefill path (shared when groups repeat prompts)
+    synced = is_fsdp(model) and torch.distributed.is_initialized()
+    share = (n > 1 and prompt_ids.shape[1] >= 2) if synced else None
+    if synced:
+        gen_kwargs["synced_gpus"] = True
     chunks = []
     was_training = model.training
     model.eval()
     for s in range(0, B, gen_batch_size):
         ids = prompt_ids[s : s + gen_batch_size].to(device)
         am = prompt_mask[s : s + gen_batch_size].to(device)
-        kv = _shared_prompt_cache(model, ids, am) if cache != "static" else None
+        kv = _shared_prompt_cache(model, ids, am, share) if cache != "static" else None
         if kv is not None:
             extra = {"past_key_values": kv}
         else:
