@@ -1,7 +1,9 @@
-"""Token value probe (Eq. 20): hand-computed statistics, the shared-prefix
-continuation path against the unshared ones on the tiny model, an end-to-end
-value on a toy task scored by the real verifier, and an interrupted + resumed
-run of the probe on a small run directory."""
+"""Token value probe (direct, Eq. 20 and A_M estimators): hand-computed
+statistics, the alternative branch's first-token distribution (o_t excluded),
+the shared-prefix continuation path against the unshared ones on the tiny
+model, an end-to-end value on a toy task scored by the real verifier, p = 1
+(no alternative token), and an interrupted + resumed run of the probe on a
+small run directory."""
 
 import json
 import math
@@ -10,16 +12,22 @@ import pytest
 import torch
 
 from tokencredit.probes.value import (
+    ESTIMATORS,
     branch_continuations,
+    branch_mean_se,
     counterfactual_value,
     entropy_cutoffs,
     entropy_ranks,
     entropy_topk_gaps,
+    estimator_gaps,
+    exclude_token,
     next_token_probs,
     repeat_gaps,
+    sample_first_tokens,
     select_tokens,
     split_gap,
     token_values,
+    value_estimates,
     value_gap,
 )
 
@@ -39,6 +47,108 @@ def test_eq20_recovers_q_minus_counterfactual_q():
     for Q, Qm, p in [(0.9, 0.3, 0.25), (0.1, 0.8, 0.6), (0.5, 0.5, 0.1)]:
         V = p * Q + (1 - p) * Qm
         assert counterfactual_value(Q, V, p) == pytest.approx(Q - Qm)
+
+
+def test_branch_mean_se_by_hand():
+    # [1, 0, 1, 1]: mean 0.75, sample variance (3 * 0.25^2 + 0.75^2) / 3 = 0.25, se = 0.5 / sqrt(4)
+    assert branch_mean_se([1.0, 0.0, 1.0, 1.0]) == pytest.approx((0.75, 0.25))
+    assert branch_mean_se([1.0] * 5) == (1.0, 0.0)
+    m, se = branch_mean_se([0.5])
+    assert m == 0.5 and math.isnan(se)  # one draw: no spread estimate
+    assert all(math.isnan(x) for x in branch_mean_se([])) and all(math.isnan(x) for x in branch_mean_se(None))
+
+
+def test_value_estimates_by_hand():
+    r0, r1, ra = [1.0] * 4, [1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]
+    e = value_estimates(r0, r1, ra, p=0.5)
+    se_alt = math.sqrt(1 / 3) / 2  # [0, 0, 1, 1]: sample variance 4 * 0.25 / 3
+    assert (e["avg0"], e["avg1"], e["avg_alt"]) == (1.0, 0.75, 0.5)
+    assert (e["se0"], e["se1"]) == (0.0, pytest.approx(0.25)) and e["se_alt"] == pytest.approx(se_alt)
+    assert e["value_direct"] == pytest.approx(0.5) and e["se_direct"] == pytest.approx(se_alt)  # sqrt(0^2 + se_alt^2)
+    assert e["value_am"] == pytest.approx(0.25) and e["se_am"] == pytest.approx(0.25)  # sqrt(0^2 + 0.25^2)
+    assert e["value_eq20"] == pytest.approx(0.5) and e["se_eq20"] == pytest.approx(0.5)  # 0.25 / (1 - 0.5) twice
+    e = value_estimates([1.0, 0.0], [0.0, 0.0], [1.0, 1.0], p=0.2)
+    assert e["se0"] == pytest.approx(0.5) and e["se_direct"] == pytest.approx(0.5) and e["se_am"] == pytest.approx(0.5)
+    assert e["value_direct"] == pytest.approx(-0.5) and e["value_eq20"] == pytest.approx(0.5 / 0.8)
+    assert e["se_eq20"] == pytest.approx(0.5 / 0.8)
+    # both branches noisy: the errors add in quadrature, sqrt(0.25^2 + 1/12) and sqrt(0.25^2 + 0.25^2)
+    e = value_estimates([1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0], p=0.75)
+    assert e["se_direct"] == pytest.approx(math.sqrt(0.0625 + 1 / 12)) and e["se_am"] == pytest.approx(math.sqrt(0.125))
+    assert e["se_eq20"] == pytest.approx(math.sqrt(0.125) / 0.25) and e["value_am"] == 0.0 and e["value_direct"] == 0.25
+    assert set(f"value_{x}" for x in ESTIMATORS) <= set(e) and set(f"se_{x}" for x in ESTIMATORS) <= set(e)
+
+
+def test_eq20_blows_up_for_a_likely_token_and_direct_does_not():
+    """The issue's token: p = 0.99989, avg0 = 1, avg1 = 23/24 ~ 0.958. Eq. 20
+    divides the Monte Carlo difference and its error by 1 - p = 1.1e-4."""
+    p, r0, r1, ra = 0.99989, [1.0] * 24, [1.0] * 23 + [0.0], [1.0] * 20 + [0.0] * 4
+    e = value_estimates(r0, r1, ra, p)
+    assert e["value_eq20"] == pytest.approx((1 / 24) / 1.1e-4, rel=1e-6) and e["value_eq20"] > 300
+    assert e["se_eq20"] == pytest.approx(e["se_am"] / 1.1e-4, rel=1e-6) and e["se_eq20"] > 300
+    assert e["value_direct"] == pytest.approx(4 / 24) and e["se_direct"] < 0.1
+    assert e["value_am"] == pytest.approx(1 / 24)
+
+
+def test_value_estimates_without_an_alternative_branch():
+    for ra in ([], None):
+        e = value_estimates([1.0, 1.0], [1.0, 0.0], ra, p=1.0)
+        assert math.isnan(e["value_direct"]) and math.isnan(e["se_direct"]) and math.isnan(e["avg_alt"])
+        assert math.isnan(e["value_eq20"]) and math.isnan(e["se_eq20"])  # 1 - p = 0
+        assert e["value_am"] == 0.5
+
+
+def test_estimator_gaps_on_the_same_tokens():
+    recs = [  # the NaN / None token is dropped from every estimator's gap, not only from direct's
+        {"kind": "boosted", "value_direct": 1.0, "value_eq20": 4.0, "value_am": 0.5},
+        {"kind": "suppressed", "value_direct": 0.0, "value_eq20": -2.0, "value_am": 0.0},
+        {"kind": "boosted", "value_direct": None, "value_eq20": float("nan"), "value_am": 0.25},
+    ]
+    g = estimator_gaps(recs, n_boot=0)
+    assert g["n_common"] == 2 and g["undefined"] == {"direct": 1, "eq20": 1, "am": 0}
+    assert {e: g["by_estimator"][e]["gap"] for e in ESTIMATORS} == {"direct": 1.0, "eq20": 6.0, "am": 0.5}
+    assert all(g["by_estimator"][e]["n_boosted"] == 1 for e in ESTIMATORS)
+
+
+def test_exclude_token_by_hand():
+    q, mass = exclude_token(torch.tensor([0.5, 0.3, 0.2]), 0)
+    assert torch.allclose(q, torch.tensor([0.0, 0.6, 0.4])) and mass == pytest.approx(0.5)
+    q, mass = exclude_token(torch.tensor([0.5, 0.3, 0.2]), 2)
+    assert torch.allclose(q, torch.tensor([0.625, 0.375, 0.0])) and mass == pytest.approx(0.8)
+    # under top_p: the truncated policy ([0.625, 0.375, 0, 0]) without o_t, renormalised
+    nucleus = next_token_probs(torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])), 1.0, top_p=0.7)
+    assert torch.allclose(exclude_token(nucleus, 0)[0], torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    assert torch.allclose(exclude_token(nucleus, 2)[0], nucleus)  # o_t outside the nucleus: p = 0, nothing changes
+    # nothing left: p = 1 (one-hot), or top_p keeps o_t alone
+    assert exclude_token(torch.tensor([0.0, 1.0, 0.0]), 1) == (None, 0.0)
+    only = next_token_probs(torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])), 1.0, top_p=0.4)
+    assert exclude_token(only, 0) == (None, 0.0)
+    # the rest's mass comes from the other entries, not from 1 - p (float32 rounds p = 1 - 1e-9 to 1)
+    q, mass = exclude_token(torch.tensor([1.0, 1e-9, 3e-9]), 0)
+    assert mass == pytest.approx(4e-9, rel=1e-6) and torch.allclose(q, torch.tensor([0.0, 0.25, 0.75]))
+
+
+def test_alternative_first_tokens_follow_the_renormalised_policy():
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    torch.manual_seed(0)
+    n = 20000
+    f = sample_first_tokens(probs, 0, n, greedy=False)
+    first = f["first"]
+    assert first.shape == (3 * n,) and f["n_alt"] == n and f["alt_reason"] is None
+    assert (first[:n] == 0).all()
+    pol = torch.bincount(first[n : 2 * n], minlength=3).double() / n
+    alt = torch.bincount(first[2 * n :], minlength=3).double() / n
+    assert alt[0] == 0  # o_t never drawn in the alternative branch
+    assert torch.allclose(alt, torch.tensor([0.0, 0.6, 0.4], dtype=torch.float64), atol=0.015)  # ~4 sigma
+    assert torch.allclose(pol, probs.double(), atol=0.015)
+    # the s_t branch draws come first: the same seed gives the same s_t rows with or without the alternative branch
+    torch.manual_seed(0)
+    assert torch.equal(sample_first_tokens(probs, 0, n, greedy=False, alt=False)["first"], first[: 2 * n])
+    g = sample_first_tokens(probs, 1, 2, greedy=True)
+    assert g["first"].tolist() == [1, 1, 0, 0, 0, 0]
+    g = sample_first_tokens(probs, 0, 2, greedy=True)  # greedy alternative: the best token other than o_t
+    assert g["first"].tolist() == [0, 0, 0, 0, 1, 1]
+    none = sample_first_tokens(torch.tensor([0.0, 1.0, 0.0]), 1, 3, greedy=False)
+    assert none["first"].tolist() == [1] * 6 and none["n_alt"] == 0 and none["alt_reason"]
 
 
 def test_value_gap_and_bootstrap():
@@ -184,11 +294,13 @@ def test_shared_cache_matches_unshared_paths(tiny):
     kw = dict(max_new_tokens=6, temperature=0.0, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, return_logits=True)
     res = {m: branch_continuations(model, prefix, o_t, 3, mode=m, **kw) for m in ("shared", "batched", "sequential")}
     assert res["shared"]["tokens"] == res["batched"]["tokens"] == res["sequential"]["tokens"]
+    assert len(res["shared"]["tokens"]) == 9 and res["shared"]["n_alt"] == 3  # 3M rows: o_t, s_t, s_t without o_t
     assert all(len(t) == 6 for t in res["shared"]["tokens"])
     assert res["shared"]["tokens"][0][0] == o_t
     # first generate step with the shared cache == a plain forward over the whole (R, L+1) input, no cache
     first = torch.tensor([t[0] for t in res["shared"]["tokens"]])
-    ids = torch.cat([prefix.expand(6, -1), first[:, None]], 1)
+    assert o_t not in first[6:].tolist()
+    ids = torch.cat([prefix.expand(9, -1), first[:, None]], 1)
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits[:, -1]  # [R, V]
     torch.testing.assert_close(res["shared"]["first_logits"], ref, atol=1e-5, rtol=1e-5)
@@ -197,6 +309,101 @@ def test_shared_cache_matches_unshared_paths(tiny):
         p_ref = torch.softmax(model(input_ids=prefix[None]).logits[0, -1], -1)[o_t]
     probs1 = next_token_probs(model(input_ids=prefix[None]).logits[0, -1].detach(), 1.0)
     assert probs1[o_t].item() == pytest.approx(p_ref.item(), rel=1e-5)
+
+
+def test_modes_agree_with_the_alternative_branch(tiny):
+    """shared == batched == sequential with the third branch: greedy, whole
+    continuations; sampled, the 3M first tokens (drawn before any generate
+    call) under the same seed, and shared == batched whole continuations."""
+    model, tok = tiny
+    prefix = _prefix(tok, "<|im_start|>user\nSay 3<|im_end|>\n<|im_start|>assistant\nSure")
+    with torch.no_grad():
+        probs = next_token_probs(model(input_ids=prefix[None]).logits[0, -1], 1.0)
+    o_t = int(probs.argmax())  # the likeliest token: the alternative branch differs most from the s_t branch
+    base = dict(eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    greedy = {m: branch_continuations(model, prefix, int(probs.argsort()[-2]), 4, max_new_tokens=5, temperature=0.0, mode=m, **base)
+              for m in ("shared", "batched", "sequential")}
+    assert greedy["shared"]["tokens"] == greedy["batched"]["tokens"] == greedy["sequential"]["tokens"]
+    assert len(greedy["shared"]["tokens"]) == 12
+    sampled = {}
+    for m in ("shared", "batched", "sequential"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(11)
+            sampled[m] = branch_continuations(model, prefix, o_t, 5, max_new_tokens=4, temperature=1.0, mode=m, **base)
+    firsts = {m: [t[0] for t in r["tokens"]] for m, r in sampled.items()}
+    assert firsts["shared"] == firsts["batched"] == firsts["sequential"] and len(firsts["shared"]) == 15
+    assert sampled["shared"]["tokens"] == sampled["batched"]["tokens"]
+    assert all(r["alt_mass"] == pytest.approx(1 - r["p"], abs=1e-6) for r in sampled.values())
+    assert o_t not in firsts["shared"][10:]
+
+
+def test_alternative_branch_never_starts_with_o_t(tiny):
+    """o_t = the argmax at a low temperature (p = 0.998 on the tiny model, the
+    regime where Eq. 20 divides by 1 - p ~ 2e-3): the s_t branch draws it
+    almost always, the alternative branch never; its first tokens follow the
+    policy renormalised without o_t."""
+    model, tok = tiny
+    prefix = _prefix(tok)
+    with torch.no_grad():
+        logits = model(input_ids=prefix[None]).logits[0, -1]
+    temp = 0.05
+    probs = next_token_probs(logits, temp)
+    o_t = int(probs.argmax())
+    assert 0.99 < probs[o_t] < 1.0, "pick another temperature: o_t should be likely, with some mass left, for this test to bite"
+    M = 3000
+    torch.manual_seed(5)
+    r = branch_continuations(model, prefix, o_t, M, max_new_tokens=1, temperature=temp,
+                             eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    first = torch.tensor([t[0] for t in r["tokens"]])  # [3M]
+    pol, alt = first[M : 2 * M], first[2 * M :]
+    assert (pol == o_t).float().mean() > 0.98 and not (alt == o_t).any()
+    # exact: the renormalised policy without o_t; empirical: within ~4 sigma of it per token
+    expect = probs.clone().double()
+    expect[o_t] = 0
+    expect /= expect.sum()
+    torch.testing.assert_close(r["alt_probs"].double(), expect, atol=1e-6, rtol=1e-5)
+    freq = torch.bincount(alt, minlength=expect.numel()).double() / M
+    assert ((freq - expect).abs() <= 4 * (expect * (1 - expect) / M).sqrt() + 1e-3).all()
+    # under top_p the same truncated distribution as p's, without o_t
+    torch.manual_seed(6)
+    r = branch_continuations(model, prefix, o_t, M, max_new_tokens=1, temperature=1.0, top_p=0.5,
+                             eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    nucleus = next_token_probs(logits, 1.0, top_p=0.5)
+    alt = torch.tensor([t[0] for t in r["tokens"][2 * M :]])
+    assert r["n_alt"] == M and 0 < (nucleus > 0).sum() < nucleus.numel()  # a real truncation, with tokens other than o_t
+    assert not (alt == o_t).any() and (nucleus[alt] > 0).all()
+    expect = nucleus.clone().double()
+    expect[o_t] = 0
+    torch.testing.assert_close(r["alt_probs"].double(), expect / expect.sum(), atol=1e-6, rtol=1e-5)
+
+
+def test_p_one_gives_nan_not_a_crash(tiny):
+    """No alternative token (greedy with o_t the argmax, or top_p keeping o_t
+    alone): value_direct is NaN with a reason, Eq. 20 NaN, A_M defined; the
+    gap functions drop the token."""
+    from tokencredit.rewards import MathVerifier
+
+    model, tok = tiny
+    prompt = tok("<|im_start|>user\nSay 7<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    resp = tok("It is 7", add_special_tokens=False)["input_ids"]
+    t = 1
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + resp[:t]])).logits[0, -1]
+    resp = resp[:t] + [int(logits.argmax())] + resp[t + 1 :]  # o_t = the greedy token: p = 1 at temperature 0
+    tiny_p = 1e-4  # top_p so small that the nucleus is the argmax alone
+    with MathVerifier(timeout_s=1) as ver:
+        outs = [token_values(model, tok, [prompt], [resp], [t], ["7"], 3, ver, max_new_tokens=len(resp) + 1, **kw)[0]
+                for kw in (dict(temperature=0.0), dict(temperature=1.0, top_p=tiny_p, seed=2))]
+    for res in outs:
+        assert res["p"] == 1.0 and res["alt_mass"] == 0.0 and "no alternative" in res["alt_reason"]
+        assert res["rewards_alt"] == [] and math.isnan(res["avg_alt"]) and math.isnan(res["len_alt"])
+        assert math.isnan(res["value_direct"]) and math.isnan(res["se_direct"]) and math.isnan(res["value"])
+        assert math.isnan(res["value_eq20"]) and res["value_am"] == res["avg0"] - res["avg1"] == 0.0
+        assert res["estimator"] == "direct" and len(res["rewards0"]) == len(res["rewards1"]) == 3
+    recs = [dict(outs[0], kind="boosted"), {"kind": "boosted", "value": 0.5, "value_direct": 0.5, "value_eq20": 1.0, "value_am": 0.2},
+            {"kind": "suppressed", "value": 0.1, "value_direct": 0.1, "value_eq20": 0.3, "value_am": 0.0}]
+    assert split_gap(recs, n_boot=10)["n_boosted"] == 1
+    assert estimator_gaps(recs, n_boot=10)["n_common"] == 2
 
 
 def test_shared_sampling_stops_at_eos_and_budget(tiny):
@@ -225,6 +432,10 @@ def test_token_value_on_a_toy_task_with_the_verifier(tiny):
         greedy = token_values(model, tok, [prompt], [resp], [t], ["7"], 4, ver, max_new_tokens=len(resp), temperature=0.0)[0]
         sampled = token_values(model, tok, [prompt], [resp], [t], ["7"], 8, ver, max_new_tokens=len(resp), temperature=1.0, seed=3)[0]
         again = token_values(model, tok, [prompt], [resp], [t], ["7"], 8, ver, max_new_tokens=len(resp), temperature=1.0, seed=3)[0]
+        am = token_values(model, tok, [prompt], [resp], [t], ["7"], 8, ver, max_new_tokens=len(resp), temperature=1.0, seed=3,
+                          estimator="am")[0]
+        with pytest.raises(ValueError, match="estimator"):
+            token_values(model, tok, [prompt], [resp], [t], ["7"], 2, ver, max_new_tokens=len(resp), estimator="eq21")
     assert greedy["avg0"] == 1.0 and greedy["rewards0"] == [1.0] * 4
     assert greedy["p"] in (0.0, 1.0)
     if greedy["p"] == 0.0:  # the random model's argmax is not '7'
@@ -233,8 +444,18 @@ def test_token_value_on_a_toy_task_with_the_verifier(tiny):
         p_ref = torch.softmax(model(input_ids=torch.tensor([prompt + resp[:t]])).logits[0, -1], -1)[resp[t]].item()
     assert sampled["p"] == pytest.approx(p_ref, rel=1e-5)
     assert sampled["avg0"] == 1.0
-    assert sampled["value"] == pytest.approx((1.0 - sampled["avg1"]) / (1.0 - p_ref))
-    assert again["rewards1"] == sampled["rewards1"]  # per-token seed: reproducible
+    assert sampled["value_eq20"] == pytest.approx((1.0 - sampled["avg1"]) / (1.0 - p_ref))
+    assert sampled["value_am"] == pytest.approx(1.0 - sampled["avg1"])
+    # direct (the default): Q(s, '7') - Q_-'7'(s) from the third branch, whose first token is never '7'
+    assert sampled["estimator"] == "direct" and len(sampled["rewards_alt"]) == 8 and sampled["alt_reason"] is None
+    assert sampled["value"] == sampled["value_direct"] == pytest.approx(1.0 - sampled["avg_alt"])
+    assert sampled["value_direct"] == pytest.approx(1.0 - sum(sampled["rewards_alt"]) / 8)
+    assert sampled["alt_mass"] == pytest.approx(1.0 - p_ref, abs=1e-6)
+    assert again["rewards1"] == sampled["rewards1"] and again["rewards_alt"] == sampled["rewards_alt"]  # per-token seed
+    if greedy["p"] == 0.0:
+        assert greedy["value_direct"] == greedy["value_eq20"] == greedy["value_am"] == 1.0
+    assert am["value"] == am["value_am"] and am["value_se"] == am["se_am"]
+    assert {k: am[k] for k in ("rewards0", "rewards1", "rewards_alt")} == {k: sampled[k] for k in ("rewards0", "rewards1", "rewards_alt")}
 
 
 # ----------------------------------------------------------------- the probe on a run directory
@@ -300,7 +521,18 @@ def test_probe_writes_resumes_and_matches_old_prob(run_dir):
         assert r["entropy_tokens"] == ent.numel() and r["entropy_rank"] == 1 + int((ent > r["entropy"]).sum())
         assert r["p"] == pytest.approx(r["old_prob"], abs=1e-5)  # right prompt, right model
         assert len(r["delta_repeat"]) == 2 and r["checkpoint_exact"] is True
-        assert r["value"] is None or r["value"] == pytest.approx((r["avg0"] - r["avg1"]) / (1 - r["p"]))
+        assert r["value_eq20"] is None or r["value_eq20"] == pytest.approx((r["avg0"] - r["avg1"]) / (1 - r["p"]))
+        assert r["value_am"] == pytest.approx(r["avg0"] - r["avg1"])
+        assert r["estimator"] == "direct" and r["value"] == r["value_direct"] and r["value_se"] == r["se_direct"]
+        assert r["value_direct"] == pytest.approx(r["avg0"] - r["avg_alt"]) and len(r["rewards_alt"]) == 2
+        assert r["se_direct"] == pytest.approx(math.hypot(r["se0"], r["se_alt"]))
+    assert res["M"] == 2 and res["estimator"] == "direct"
+    assert set(res["by_estimator"]) == set(ESTIMATORS) and res["n_common"] == sum(
+        all(r[f"value_{e}"] is not None for e in ESTIMATORS) for r in full)
+    assert res["by_estimator"]["direct"]["n_boosted"] == res["by_estimator"]["eq20"]["n_boosted"]  # the same tokens
+    # resuming with another estimator would mix two meanings of "value" in one file: refused
+    with pytest.raises(ValueError, match="estimator=direct"):
+        run_value_probe(run_dir, 1, n_tokens=4, M=2, repeat=2, progress=False, estimator="eq20")
     # interrupted run: 2 complete lines and a torn one
     lines = out.read_text().splitlines()
     out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])
@@ -323,6 +555,35 @@ def test_cli_errors(run_dir, capsys):
     a = ap.parse_args(["value", "--run", str(run_dir), "--step", "9"])
     with pytest.raises(FileNotFoundError, match="flip_step_9"):
         a.func(a)
+    assert ap.parse_args(["value", "--run", "r", "--step", "1"]).estimator == "direct"
+    with pytest.raises(SystemExit):
+        ap.parse_args(["value", "--run", "r", "--step", "1", "--estimator", "eq21"])
+    capsys.readouterr()
+    # a file written before the alternative branch (value = Eq. 20, no value_direct) is not resumed into
+    old = run_dir / "probes" / "value_old.jsonl"
+    old.write_text(json.dumps({"row": 0, "position": 0, "M": 2, "seed": 0, "value": 1.0, "kind": "boosted"}) + "\n")
+    a = ap.parse_args(["value", "--run", str(run_dir), "--step", "1", "--M", "2", "--out", str(old), "--no-progress"])
+    assert a.func(a) == 2 and "value_direct" in capsys.readouterr().err
+
+
+def test_cli_estimator_option_and_summary(run_dir, tmp_path, capsys):
+    import argparse
+
+    from tokencredit.probes.value import add_cli
+    from tokencredit.rundir import read_jsonl
+
+    ap = argparse.ArgumentParser()
+    add_cli(ap.add_subparsers())
+    out = tmp_path / "value_eq20.jsonl"
+    a = ap.parse_args(["value", "--run", str(run_dir), "--step", "1", "--tokens", "4", "--M", "2", "--estimator", "eq20",
+                       "--out", str(out), "--no-progress"])
+    assert a.func(a) == 0
+    text = capsys.readouterr().out
+    assert "M = 2 continuations per branch" in text and "estimator: eq20" in text
+    for e in ESTIMATORS:
+        assert f"    {e} " in text  # one gap line per estimator, on the same tokens
+    recs = read_jsonl(out)
+    assert len(recs) == 4 and all(r["estimator"] == "eq20" and r["value"] == r["value_eq20"] for r in recs)
 
 
 def test_flip_file_without_prompt_index_is_refused(run_dir, tmp_path):

@@ -1,14 +1,29 @@
 """Counterfactual token value by Monte Carlo (cancellation paper App. E.2, Eq. 20; Fig. 5, Fig. 11).
 
 What it does
-    For a sampled response token o_t at state s_t = (q, o_<t):
+    For a sampled response token o_t at state s_t = (q, o_<t), three branches
+    of M continuations each:
 
-        avg0  = mean reward of M continuations sampled from s_t + o_t   ~ Q(s_t, o_t)
-        avg1  = mean reward of M continuations sampled from s_t         ~ V(s_t)
-        value = (avg0 - avg1) / (1 - p(o_t | s_t))                       (Eq. 20)
+        avg0    = mean reward from s_t + o_t                               ~ Q(s_t, o_t)
+        avg1    = mean reward from s_t (first token a ~ pi(.|s_t))         ~ V(s_t)
+        avg_alt = mean reward from s_t, first token a ~ pi(.|s_t, a != o_t) ~ Q_{-o_t}(s_t)
 
-    i.e. Q(s_t, o_t) - Q_{-o_t}(s_t): how much better taking o_t is than
-    sampling an alternative token. Rewards come from the task's verifier on
+    The token's value is Q(s_t, o_t) - Q_{-o_t}(s_t), how much better taking
+    o_t is than sampling an alternative token; since V = p Q + (1 - p) Q_{-o_t},
+    three estimates come from the branches:
+
+        value_direct = avg0 - avg_alt                       (default, --estimator direct)
+        value_eq20   = (avg0 - avg1) / (1 - p(o_t | s_t))   (Eq. 20,  --estimator eq20)
+        value_am     = avg0 - avg1                          (main text's A_M, --estimator am:
+                                                             estimates (1 - p) times the value)
+
+    Eq. 20 divides the Monte Carlo noise of avg0 - avg1 by 1 - p, so for a
+    likely token (p = 0.9999) the noise is multiplied by 10^4; the direct
+    estimate has variance (var0 + var_alt) / M with no 1 / (1 - p) factor.
+    Each record carries all three with standard errors (``value_estimates``),
+    and "value" is the one --estimator selects; the gap summaries use it, and
+    the result also holds the gap of every estimator on the same tokens.
+    Rewards come from the task's verifier on
     the whole response (o_<t, o_t, continuation). `tokencredit probe value --run
     RUN_DIR --step N` samples equal numbers of boosted and suppressed tokens (Δ log p
     of the update of rollout step N, from probes/flip_step_N.parquet), half
@@ -18,14 +33,16 @@ What it does
     all response tokens of the batch, ``entropy_cutoffs``) and, with
     `--repeat U`, after u = 1..U repeated updates on that batch (Fig. 11).
 
-How the 2M continuations of one token share work
+How the 3M continuations of one token share work
     One forward pass over s_t gives the prefix KV cache and the next-token
-    distribution pi(.|s_t), hence p(o_t) and the first tokens of the M rows of
-    the s_t branch (sampled here; the other M rows start with o_t). All 2M
-    rows now have the same length |s_t| + 1, so the cache is repeated across
-    them (`DynamicCache.batch_repeat_interleave`) and ONE `generate` call
+    distribution pi(.|s_t), hence p(o_t), the first tokens of the M rows of
+    the s_t branch and those of the M rows of the alternative branch (drawn
+    from pi with o_t's probability zeroed and the rest renormalised,
+    ``exclude_token``; the other M rows start with o_t). All 3M rows now have
+    the same length |s_t| + 1, so the cache is repeated across them
+    (`DynamicCache.batch_repeat_interleave`) and ONE `generate` call
     continues all of them, computing only the new tokens: the prefix is
-    encoded once instead of 2M times. `mode="batched"` (no cache sharing, one
+    encoded once instead of 3M times. `mode="batched"` (no cache sharing, one
     call) and `mode="sequential"` (one call per continuation) are the
     references the tests and bench/value_cache_bench.py compare against.
 
@@ -54,10 +71,20 @@ Simplifications
     * p(o_t) is recomputed from the loaded model at the run's temperature
       (top-p truncated if top_p < 1) and stored beside the flip record's
       old_prob; a mismatch flags a wrong checkpoint or prompt.
+    * The alternative branch's first token is drawn from the same (top-p
+      truncated) distribution that gives p, with o_t removed and the rest
+      renormalised; its continuation samples the policy as the other branches
+      do. When nothing is left (p = 1: greedy, or top_p keeps o_t alone) the
+      branch is empty, value_direct is NaN (null in the file) and
+      "alt_reason" says why; Eq. 20 is NaN there too (1 - p < 1e-6), A_M is not.
+    * Standard errors are per branch, sample std (ddof 1) / sqrt(M) (NaN for
+      M = 1); the branches are independent draws, so the estimators' variances
+      add; Eq. 20's treats p as exact (se_am / (1 - p)).
 
 Try it
     tokencredit probe value --run runs/my-run --step 3 --tokens 32 --M 8     # -> runs/my-run/probes/value_step_3.jsonl
     tokencredit probe value --run runs/my-run --step 3 --tokens 32 --M 8 --repeat 4
+    tokencredit probe value --run runs/my-run --step 3 --estimator eq20 --out runs/my-run/probes/value_step_3_eq20.jsonl
     tokencredit probe value --run runs/my-run --step 3 rollout.top_p=0.95    # config overrides, as for the other probes
     tokencredit report runs/my-run                                # draws Fig. 5a/5b/11 from it
     python bench/value_cache_bench.py                             # shared-prefix speed-up
@@ -78,10 +105,12 @@ import torch
 log = logging.getLogger("tokencredit.value")
 
 MODES = ("shared", "batched", "sequential")
+ESTIMATORS = ("direct", "eq20", "am")  # value_direct, value_eq20, value_am of a record; --estimator picks "value"
+ESTIMATOR_FORMULAS = {"direct": "avg0 - avg_alt", "eq20": "(avg0 - avg1) / (1 - p)", "am": "avg0 - avg1"}
 
 
 # ----------------------------------------------------------------------------
-# pure statistics (no model): Eq. 20, bootstrap gap, entropy subsets
+# pure statistics (no model): the three estimators, bootstrap gap, entropy subsets
 # ----------------------------------------------------------------------------
 
 
@@ -99,6 +128,55 @@ def counterfactual_value(avg0: float, avg1: float, p: float, min_denominator: fl
     if not denom >= min_denominator:  # also catches NaN
         return float("nan")
     return (float(avg0) - float(avg1)) / denom
+
+
+def branch_mean_se(rewards: Sequence[float] | None) -> tuple[float, float]:
+    """[M] rewards of one branch -> (mean, standard error of the mean).
+
+    se = sample standard deviation (ddof 1) / sqrt(M): NaN for M = 1 (one draw
+    says nothing about the spread); (NaN, NaN) for an empty or missing branch.
+    """
+    r = np.asarray(list(rewards) if rewards is not None else [], dtype=np.float64)  # [M]
+    if r.size == 0:
+        return math.nan, math.nan
+    se = float(r.std(ddof=1) / math.sqrt(r.size)) if r.size > 1 else math.nan
+    return float(r.mean()), se
+
+
+def value_estimates(
+    rewards0: Sequence[float],
+    rewards1: Sequence[float],
+    rewards_alt: Sequence[float] | None,
+    p: float,
+    min_denominator: float = 1e-6,
+) -> dict[str, float]:
+    """The three Monte Carlo estimates of Q(s_t, o_t) - Q_{-o_t}(s_t), with standard errors.
+
+    rewards0    [M]     rewards of the continuations from s_t + o_t;
+    rewards1    [M]     from s_t, first token a ~ pi(.|s_t);
+    rewards_alt [M_alt] from s_t, first token a ~ pi(.|s_t) with o_t excluded
+                        (renormalised); empty or None when that distribution
+                        does not exist (p = 1);
+    p           pi(o_t | s_t) of the sampling policy.
+    Returns {avg0, avg1, avg_alt, se0, se1, se_alt (``branch_mean_se``),
+      value_direct = avg0 - avg_alt,            se_direct = sqrt(se0^2 + se_alt^2),
+      value_am     = avg0 - avg1,               se_am     = sqrt(se0^2 + se1^2),
+      value_eq20   = (avg0 - avg1) / (1 - p),   se_eq20   = se_am / (1 - p)}
+    (the branches are independent, so their variances add; Eq. 20's error
+    treats p as exact). NaN where undefined: the direct pair without an
+    alternative branch, the Eq. 20 pair when 1 - p < min_denominator.
+    """
+    avg0, se0 = branch_mean_se(rewards0)
+    avg1, se1 = branch_mean_se(rewards1)
+    avg_alt, se_alt = branch_mean_se(rewards_alt)
+    value_eq20 = counterfactual_value(avg0, avg1, p, min_denominator)
+    se_am = math.hypot(se0, se1)
+    return {
+        "avg0": avg0, "avg1": avg1, "avg_alt": avg_alt, "se0": se0, "se1": se1, "se_alt": se_alt,
+        "value_direct": avg0 - avg_alt, "se_direct": math.hypot(se0, se_alt),
+        "value_eq20": value_eq20, "se_eq20": se_am / (1.0 - float(p)) if math.isfinite(value_eq20) else math.nan,
+        "value_am": avg0 - avg1, "se_am": se_am,
+    }
 
 
 def _clean(x: Iterable[float]) -> np.ndarray:
@@ -146,6 +224,22 @@ def split_gap(records: Sequence[dict], n_boot: int = 1000, seed: int = 0, kind_k
         "gap": gap, "lo": lo, "hi": hi, "n_boosted": int(vb.size), "n_suppressed": int(vs.size),
         "mean_boosted": float(vb.mean()) if vb.size else math.nan,
         "mean_suppressed": float(vs.mean()) if vs.size else math.nan,
+    }
+
+
+def estimator_gaps(records: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The value gap of every estimator on the same tokens: records (dicts with
+    "kind" and value_direct / value_eq20 / value_am, None or NaN where
+    undefined) -> {"by_estimator": {name: split_gap on value_<name>} over the
+    records where all three are finite, "n_common": their number,
+    "undefined": {name: records where value_<name> is not finite}}."""
+    vals = [{e: _f64(r.get(f"value_{e}")) for e in ESTIMATORS} for r in records]
+    common = [(r, v) for r, v in zip(records, vals) if all(math.isfinite(x) for x in v.values())]
+    return {
+        "by_estimator": {e: split_gap([{"kind": r.get("kind"), "value": v[e]} for r, v in common], n_boot=n_boot, seed=seed)
+                         for e in ESTIMATORS},
+        "n_common": len(common),
+        "undefined": {e: sum(not math.isfinite(v[e]) for v in vals) for e in ESTIMATORS},
     }
 
 
@@ -296,6 +390,57 @@ def next_token_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.
     return probs
 
 
+NO_ALTERNATIVE = "o_t holds all the mass of the sampling distribution (p = 1: greedy, or top_p keeps it alone): no alternative token"
+
+
+def exclude_token(probs: torch.Tensor, token_id: int) -> tuple[torch.Tensor | None, float]:
+    """The policy with one token excluded: [V] probabilities (the sampling
+    distribution, e.g. from ``next_token_probs``, top-p truncation included) ->
+    ([V] the same with probs[token_id] set to 0 and the rest renormalised,
+    mass of the rest before renormalising). The rest's mass is summed from the
+    other entries in float64, not taken as 1 - p, so it stays exact for p
+    near 1. (None, 0.0) when the rest has no mass: the distribution of an
+    alternative token does not exist.
+
+    E.g. [0.5, 0.3, 0.2] without index 0 -> [0, 0.6, 0.4], mass 0.5.
+    """
+    rest = probs.detach().to(torch.float64).clone()  # [V]
+    rest[int(token_id)] = 0.0
+    mass = float(rest.sum())
+    if not mass > 0.0 or not math.isfinite(mass):
+        return None, 0.0
+    return (rest / mass).to(probs.dtype), mass
+
+
+def sample_first_tokens(probs: torch.Tensor, token_id: int, M: int, *, greedy: bool, alt: bool = True) -> dict[str, Any]:
+    """First tokens of the branches of one token o_t = token_id at s_t.
+
+    probs [V]: the sampling distribution pi(.|s_t). Rows, in this order:
+    [M] o_t (branch s_t + o_t); [M] a ~ probs (branch s_t); with `alt`, [M]
+    a ~ exclude_token(probs, o_t) (alternative branch), or none when that
+    does not exist. greedy: the argmax of each distribution instead of draws
+    (probs is then one-hot). Draws use torch's global RNG, the s_t branch's
+    first, so seeding before the call reproduces all of them.
+    Returns {"first": [2M + n_alt] long, "n_alt": M or 0, "alt_probs": [V] or
+    None, "alt_mass": float (NaN without `alt`), "alt_reason": None or why
+    the alternative branch is empty}.
+    """
+    probs = probs.detach().cpu()
+    pol = probs.argmax().repeat(M) if greedy else torch.multinomial(probs, M, replacement=True)  # [M]
+    parts = [torch.full((M,), int(token_id), dtype=torch.long), pol.long()]
+    out: dict[str, Any] = {"n_alt": 0, "alt_probs": None, "alt_mass": math.nan, "alt_reason": None}
+    if alt:
+        q, mass = exclude_token(probs, token_id)
+        out.update(alt_probs=q, alt_mass=mass)
+        if q is None:
+            out["alt_reason"] = NO_ALTERNATIVE
+        else:
+            parts.append((q.argmax().repeat(M) if greedy else torch.multinomial(q, M, replacement=True)).long())  # [M]
+            out["n_alt"] = M
+    out["first"] = torch.cat(parts)
+    return out
+
+
 def _gen_kwargs(temperature: float, top_p: float, pad_id: int, eos_ids: Sequence[int]) -> dict:
     kw: dict[str, Any] = dict(pad_token_id=pad_id, eos_token_id=list(eos_ids))
     if temperature > 0:
@@ -327,24 +472,30 @@ def branch_continuations(
     pad_id: int,
     mode: str = "shared",
     return_logits: bool = False,
+    alt: bool = True,
 ) -> dict[str, Any]:
-    """2M continuations of the state s_t = prefix_ids: rows 0..M-1 start with the
+    """3M continuations of the state s_t = prefix_ids: rows 0..M-1 start with the
     forced token o_t = token_id (branch s_t + o_t), rows M..2M-1 with a token
-    sampled from pi(.|s_t) (branch s_t).
+    sampled from pi(.|s_t) (branch s_t), rows 2M..3M-1 with a token sampled
+    from pi(.|s_t) with o_t excluded (alternative branch, ``exclude_token``;
+    absent when p = 1 or alt=False, leaving 2M rows). The first tokens come
+    from ``sample_first_tokens``; every row then samples the policy.
 
     Args:
         prefix_ids: [L] long, prompt + o_<t (no padding).
         max_new_tokens: budget counted from s_t, first token included (>= 1).
-        mode: "shared" (prefix encoded once, its KV cache repeated over the 2M
+        mode: "shared" (prefix encoded once, its KV cache repeated over the
             rows, one generate call), "batched" (one generate call, every row
             re-encodes the prefix) or "sequential" (one call per row).
         return_logits: also return the logits of the first generate step
             ([R, V] for the R rows that continue), for equality checks.
+        alt: draw the alternative branch.
     Returns dict:
-        tokens  list of 2M token lists, the first token included, cut after
-                the first EOS (each at most max_new_tokens long)
+        tokens  list of 2M + n_alt token lists, the first token included, cut
+                after the first EOS (each at most max_new_tokens long)
         p       float, pi(o_t | s_t) under the sampling policy
         probs   [V] float32 next-token distribution at s_t
+        n_alt, alt_probs, alt_mass, alt_reason   as from sample_first_tokens
         first_logits  (only with return_logits) or None when nothing continued
     The sampling RNG is torch's global one: seed it around the call.
     """
@@ -358,13 +509,12 @@ def branch_continuations(
     out = model(input_ids=prefix, use_cache=(mode == "shared"))
     probs = next_token_probs(out.logits[0, -1], temperature, top_p)  # [V]
     p = float(probs[token_id])
-    first = torch.empty(2 * M, dtype=torch.long)  # [2M]
-    first[:M] = token_id
-    first[M:] = torch.multinomial(probs.cpu(), M, replacement=True) if temperature > 0 else probs.argmax().cpu()
+    fs = sample_first_tokens(probs, token_id, M, greedy=temperature <= 0, alt=alt)
+    first = fs.pop("first")  # [N] = [2M + n_alt]
     eos = set(int(e) for e in eos_ids)
     tokens = [[int(f)] for f in first]
-    active = [i for i in range(2 * M) if int(first[i]) not in eos]  # rows that go on
-    result: dict[str, Any] = {"tokens": tokens, "p": p, "probs": probs.cpu(), "first_logits": None}
+    active = [i for i in range(first.numel()) if int(first[i]) not in eos]  # rows that go on
+    result: dict[str, Any] = {"tokens": tokens, "p": p, "probs": probs.cpu(), **fs, "first_logits": None}
     if max_new_tokens == 1 or not active:
         return result
     R = len(active)
@@ -394,6 +544,10 @@ def branch_continuations(
     return result
 
 
+def _mean(x: Sequence[float]) -> float:
+    return sum(x) / len(x) if len(x) else math.nan
+
+
 def token_seed(seed: int, row: int, position: int) -> int:
     """Per-token RNG seed: a token's continuations do not depend on which other
     tokens were valued before it (so resuming reproduces an unbroken run)."""
@@ -416,23 +570,32 @@ def token_values(
     seed: int = 0,
     rows: Sequence[int] | None = None,
     mode: str = "shared",
+    estimator: str = "direct",
     progress: bool = False,
     on_result: Callable[[int, dict], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Eq. 20 for K tokens: token k is response_ids[k][positions[k]] of a
+    """Token values of K tokens: token k is response_ids[k][positions[k]] of a
     response to prompt_ids[k] (ids without padding), scored against answers[k].
 
     max_new_tokens: the response budget of the run (rollout.max_new_tokens);
     continuations from s_t get max_new_tokens - t tokens. `rows` [K] only
-    feeds the per-token seed (default: k). Each result dict: avg0, avg1, p,
-    value, M, rewards0 / rewards1 (lists of M), len0 / len1 (mean completed
-    response lengths), time_s. `on_result(k, result)` is called as each token
-    finishes (the CLI appends a JSON line there).
+    feeds the per-token seed (default: k). estimator: which of ESTIMATORS
+    fills "value" / "value_se". Each result dict: p, the fields of
+    ``value_estimates`` (avg0, avg1, avg_alt, se0, se1, se_alt, value_direct,
+    se_direct, value_eq20, se_eq20, value_am, se_am), value, value_se,
+    estimator, alt_mass (mass of the tokens other than o_t), alt_reason (None,
+    or why the alternative branch is empty and value_direct NaN), M,
+    rewards0 / rewards1 / rewards_alt (lists of M; rewards_alt empty without
+    an alternative branch), len0 / len1 / len_alt (mean completed response
+    lengths), time_s. `on_result(k, result)` is called as each token finishes
+    (the CLI appends a JSON line there).
     """
     from tqdm.auto import tqdm
 
     from tokencredit.rollout.hf import _eos_ids
 
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     eos_ids = _eos_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     rows = list(rows) if rows is not None else list(range(len(positions)))
@@ -454,12 +617,14 @@ def token_values(
             br = branch_continuations(model, prefix, resp[t], M, max_new_tokens=budget, temperature=temperature, top_p=top_p,
                                       eos_ids=eos_ids, pad_id=pad_id, mode=mode)
         texts = tokenizer.batch_decode([resp[:t] + c for c in br["tokens"]], skip_special_tokens=True)
-        r = [float(x) for x in verifier(texts, [answers[k]] * len(texts))]
-        avg0, avg1 = sum(r[:M]) / M, sum(r[M:]) / M
+        r = [float(x) for x in verifier(texts, [answers[k]] * len(texts))]  # [2M + n_alt]
+        est = value_estimates(r[:M], r[M : 2 * M], r[2 * M :], br["p"])
+        lens = [t + len(c) for c in br["tokens"]]
         res = {
-            "avg0": avg0, "avg1": avg1, "p": br["p"], "value": counterfactual_value(avg0, avg1, br["p"]), "M": M,
-            "rewards0": r[:M], "rewards1": r[M:],
-            "len0": t + sum(len(c) for c in br["tokens"][:M]) / M, "len1": t + sum(len(c) for c in br["tokens"][M:]) / M,
+            "p": br["p"], **est, "value": est[f"value_{estimator}"], "value_se": est[f"se_{estimator}"], "estimator": estimator,
+            "alt_mass": br["alt_mass"], "alt_reason": br["alt_reason"], "M": M,
+            "rewards0": r[:M], "rewards1": r[M : 2 * M], "rewards_alt": r[2 * M :],
+            "len0": _mean(lens[:M]), "len1": _mean(lens[M : 2 * M]), "len_alt": _mean(lens[2 * M :]),
             "time_s": time.perf_counter() - t0,
         }
         results.append(res)
@@ -625,6 +790,7 @@ def run_value_probe(
     repeat: int = 0,
     max_new_tokens: int | None = None,
     mode: str = "shared",
+    estimator: str = "direct",
     device: str | None = None,
     out: str | Path | None = None,
     progress: bool = True,
@@ -634,13 +800,20 @@ def run_value_probe(
     """Value the tokens of probes/flip_step_{step}.parquet and append one JSON
     line per token to probes/value_step_{step}.jsonl (or `out`); tokens already
     in that file are skipped (resume). Returns {"path", "written", "skipped",
-    "checkpoint", "gap": split_gap of all records in the file, "by_sign"}.
+    "checkpoint", "M", "estimator", "gap": split_gap of all records in the
+    file on their "value" (the `estimator`'s), "by_sign", "by_estimator":
+    {name: split_gap of value_<name>} for every estimator on the same tokens
+    (those where all three are finite; "n_common" of them), "undefined":
+    {name: records where value_<name> is NaN}, "entropy_topk", "repeat", ...}.
     The run's config (+ `overrides`), threads and device are resolved by
     tokencredit/probes/context.py, as for the other probes.
 
     Each line: step, row, position, token_id, token_text, kind, sign, advantage,
-    delta, entropy, old_prob (flip record), p (recomputed), avg0, avg1, value
-    (Eq. 20; null when 1 - p ~ 0), M, rewards0, rewards1, len0, len1, time_s,
+    delta, entropy, old_prob (flip record), the fields of ``token_values`` (p,
+    avg0 / avg1 / avg_alt and se0 / se1 / se_alt, value_direct / value_eq20 /
+    value_am with se_direct / se_eq20 / se_am, value and value_se (the
+    `estimator`'s), estimator, alt_mass, alt_reason, M, rewards0 / rewards1 /
+    rewards_alt, len0 / len1 / len_alt, time_s; NaN is written as null),
     seed, checkpoint, checkpoint_exact, entropy_rank and entropy_tokens (the
     token's place among the batch's N response-token entropies, see
     ``entropy_ranks``; when the records have entropies), and delta_repeat
@@ -657,10 +830,15 @@ def run_value_probe(
     run_dir, cfg = ctx.run, ctx.cfg
     cols = _flip_columns(run_dir, step)
     out = Path(out) if out is not None else ctx.out / f"value_step_{step}.jsonl"
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     done = read_jsonl(out, repair=True)  # a torn last line (killed mid-write) is cut, so appending continues cleanly
     for r in done:
-        if r.get("M") != M or r.get("seed") != seed:
-            raise ValueError(f"{out} was written with M={r.get('M')} seed={r.get('seed')}; "
+        if "value_direct" not in r:
+            raise ValueError(f"{out} was written before the alternative branch (its records have no value_direct, and "
+                             "their value is Eq. 20's); pass --out for a new file")
+        if r.get("M") != M or r.get("seed") != seed or r.get("estimator") != estimator:
+            raise ValueError(f"{out} was written with M={r.get('M')} seed={r.get('seed')} estimator={r.get('estimator')}; "
                              f"rerun with those, or pass --out for a new file")
     done_keys = {(r["row"], r["position"]) for r in done}
 
@@ -738,13 +916,15 @@ def run_value_probe(
                 [prompt_set.answers[pidx[int(cols["row"][i])]] for i, _, _ in todo],
                 M, verifier, max_new_tokens or cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p, seed=seed, rows=[int(cols["row"][i]) for i, _, _ in todo], mode=mode,
-                progress=progress, on_result=write,
+                estimator=estimator, progress=progress, on_result=write,
             )
         finally:
             verifier.close()
 
     recs = read_jsonl(out)
+    result["M"], result["estimator"] = M, estimator
     result["gap"] = split_gap(recs)
+    result.update(estimator_gaps(recs))
     result["by_sign"] = {s: split_gap([r for r in recs if r.get("sign") == s]) for s in ("pos", "neg")}
     ks = (20, 40, 60, 80, 100)
     if batch_mask.any():  # cut-offs over all response tokens of the batch, not over the valued ones
@@ -777,7 +957,8 @@ def cmd_value(args) -> int:
     try:
         res = run_value_probe(
             args.run, args.step, n_tokens=args.tokens, M=args.M, seed=args.seed, checkpoint=args.checkpoint,
-            repeat=args.repeat, max_new_tokens=args.max_new_tokens, mode=args.mode, device=args.device, out=args.out,
+            repeat=args.repeat, max_new_tokens=args.max_new_tokens, mode=args.mode, estimator=args.estimator,
+            device=args.device, out=args.out,
             progress=not args.no_progress, overrides=args.overrides, threads=args.threads,
         )
     except KeyboardInterrupt:
@@ -789,17 +970,28 @@ def cmd_value(args) -> int:
     try:  # the run's trackers (output.report_to) get the gaps; a tracker failure costs a warning only
         from tokencredit.tracking import send_run_summary
 
-        send_run_summary(args.run, {"gap": res["gap"], "by_sign": res["by_sign"]}, prefix=f"probe/value_step_{args.step}/")
+        numbers = {"gap": res["gap"], "by_sign": res["by_sign"], "by_estimator": res.get("by_estimator", {}), "M": res.get("M")}
+        send_run_summary(args.run, numbers, prefix=f"probe/value_step_{args.step}/")
     except Exception as e:
         log.warning("probe value: summary numbers not sent to the run's trackers (%s)", e)
     g = res["gap"]
+    est = res.get("estimator", args.estimator)
     print(f"{res['path']}: {res['written']} tokens valued now, {res['skipped']} already there (model: {res['checkpoint']})")
+    print(f"M = {res.get('M', args.M)} continuations per branch (s_t + o_t, s_t, s_t without o_t); "
+          f"estimator: {est} ({ESTIMATOR_FORMULAS[est]})")
     print(f"value gap (boosted - suppressed) = {g['gap']:.4f}  95% CI [{g['lo']:.4f}, {g['hi']:.4f}]  "
           f"(n = {g['n_boosted']} + {g['n_suppressed']})")
     for s, label in (("pos", "A > 0 rows"), ("neg", "A < 0 rows")):
         b = res["by_sign"][s]
         print(f"  {label}: gap {b['gap']:.4f} [{b['lo']:.4f}, {b['hi']:.4f}]  mean boosted {b['mean_boosted']:.4f}, "
               f"mean suppressed {b['mean_suppressed']:.4f}")
+    if res.get("by_estimator"):
+        und = res.get("undefined", {})
+        print(f"  gap by estimator, on the {res['n_common']} tokens where all three are defined (undefined on: "
+              + ", ".join(f"{e} {und.get(e, 0)}" for e in ESTIMATORS) + "):")
+        for e in ESTIMATORS:
+            b = res["by_estimator"][e]
+            print(f"    {e:<6} {ESTIMATOR_FORMULAS[e]:<28} gap {b['gap']:.4f}  95% CI [{b['lo']:.4f}, {b['hi']:.4f}]")
     if res["entropy_topk"]:
         print("  gap on the valued tokens in the batch's top-k% highest-entropy tokens (Fig. 5b; cut-offs over all "
               "response tokens of the batch): " + ", ".join(f"k={r['k']:.0f}% (n={r['n']}): {r['gap']:.4f}" for r in res["entropy_topk"]))
@@ -811,9 +1003,11 @@ def cmd_value(args) -> int:
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "value",
-        help="Monte Carlo token value (Eq. 20) of boosted vs suppressed tokens of one update",
-        description="Estimate the counterfactual value (avg0 - avg1) / (1 - p) of equal numbers of boosted and suppressed "
-        "tokens of rollout step N (from probes/flip_step_N.parquet) and write probes/value_step_N.jsonl, one line per token. "
+        help="Monte Carlo token value Q(s,o_t) - Q_{-o_t}(s) of boosted vs suppressed tokens of one update",
+        description="Estimate the counterfactual value Q(s_t, o_t) - Q_{-o_t}(s_t) of equal numbers of boosted and suppressed "
+        "tokens of rollout step N (from probes/flip_step_N.parquet) from three branches of M continuations (from s_t + o_t, "
+        "from s_t, from s_t with o_t excluded) and write probes/value_step_N.jsonl, one line per token, with all three "
+        "estimators (direct avg0 - avg_alt, Eq. 20 (avg0 - avg1) / (1 - p), A_M avg0 - avg1). "
         "Interrupt at any time; the same command resumes.",
     )
     p.add_argument("--run", metavar="RUN_DIR", help="the run directory (required): config.yaml, probes/flip_step_N.parquet, checkpoints/")
@@ -824,6 +1018,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--repeat", type=int, default=0, metavar="U", help="also record Δ log p after 1..U repeated updates on the batch (Fig. 11)")
     p.add_argument("--checkpoint", default=None, help="checkpoint dir to load instead of checkpoints/step_{N-1}")
     p.add_argument("--max-new-tokens", type=int, default=None, help="response budget (default: the run's rollout.max_new_tokens)")
+    p.add_argument("--estimator", choices=ESTIMATORS, default="direct",
+                   help="the value the gaps use: direct = avg0 - avg_alt (default), eq20 = (avg0 - avg1) / (1 - p) "
+                   "(noisy for likely tokens), am = avg0 - avg1; every record stores all three")
     p.add_argument("--mode", choices=MODES, default="shared", help="continuation batching (shared = prefix KV cache shared)")
     p.add_argument("--device", default=None, help="default: the run's model.device (auto = cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: model.threads, else torch's default)")
