@@ -1,6 +1,6 @@
 """Speed-up of the token-value probe's shared-prefix continuations (Eq. 20, App. E.2).
 
-What: the 2M continuations of one token (M from s_t + o_t, M from s_t) made
+What: the 2M continuations of one token (M from s_t + o_t, M from s_t; alt=False: the probe adds M alternative-branch rows) made
 three ways by `tokencredit.probes.value.branch_continuations`:
   shared      prefix s_t encoded once; its KV cache repeated over the 2M rows;
               one generate call computes only new tokens (what the probe uses)
@@ -51,14 +51,14 @@ def bench_model(name: str, prefix_len: int, M: int, new_tokens: int, reps: int) 
     eos = _eos_ids(tok, model)
     o_t = int(prefix[-1])  # any token works; greedy continuations are compared across modes
     kw = dict(max_new_tokens=new_tokens, temperature=0.0, eos_ids=eos, pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0])
-    branch_continuations(model, prefix[:-1], o_t, M, mode="shared", **kw)  # warm-up
+    branch_continuations(model, prefix[:-1], o_t, M, mode="shared", alt=False, **kw)  # warm-up
     wall: dict[str, list[float]] = {m: [] for m in MODES}
     cpu: dict[str, list[float]] = {m: [] for m in MODES}
     toks = {}
     for _ in range(reps):  # modes interleaved, so a load change on a shared machine hits all of them
         for mode in MODES:
             t0, c0 = time.perf_counter(), time.process_time()
-            r = branch_continuations(model, prefix[:-1], o_t, M, mode=mode, **kw)
+            r = branch_continuations(model, prefix[:-1], o_t, M, mode=mode, alt=False, **kw)
             wall[mode].append(time.perf_counter() - t0)
             cpu[mode].append(time.process_time() - c0)
             toks[mode] = r["tokens"]

@@ -304,6 +304,10 @@ def fig_categories(data: dict, name: str):
     return fig
 
 
+ESTIMATOR_TITLES = {"direct": "direct estimate", "eq20": "Eq. 20", "am": "A_M"}
+ESTIMATOR_LABELS = {"direct": "avg0 - avg_alt", "eq20": "(avg0 - avg1) / (1 - p)", "am": "avg0 - avg1"}
+
+
 def fig_value_gap(records: list[dict], name: str):
     """Fig. 5a: mean value of boosted vs suppressed tokens, by the row's advantage sign."""
     from tokencredit.probes.value import split_gap
@@ -317,7 +321,8 @@ def fig_value_gap(records: list[dict], name: str):
     a.bar([i - 0.2 for i in x], [_z(s["mean_boosted"]) for s in stats], 0.4, color="tab:green", label="boosted")
     a.bar([i + 0.2 for i in x], [_z(s["mean_suppressed"]) for s in stats], 0.4, color="tab:red", label="suppressed")
     a.set_xticks(list(x), [f"{lab}\n(n={s['n_boosted']}+{s['n_suppressed']})" for (_, lab), s in zip(groups, stats)], fontsize=8)
-    a.set(title="mean token value, Eq. 20 (Fig. 5a)", ylabel="(avg0 - avg1) / (1 - p)")
+    est = next((r.get("estimator") for r in records if r.get("estimator")), "eq20")  # files before the direct estimator: Eq. 20
+    a.set(title=f"mean token value, {ESTIMATOR_TITLES.get(est, est)} (Fig. 5a)", ylabel=ESTIMATOR_LABELS.get(est, "value"))
     a.axhline(0, color="k", lw=0.5)
     a.legend(fontsize=8)
     gaps = [_z(s["gap"]) for s in stats]
@@ -411,7 +416,7 @@ def _plan(run_dir: Path, metrics: list[dict]) -> list[tuple[str, str, Callable[[
         tag = f.stem.removeprefix("value").strip("_") or "all"
         recs = _lazy(lambda f=f: read_jsonl(f))
         plan += [
-            (f"value_gap_{tag}", f"Counterfactual token value (Eq. 20) of boosted vs suppressed tokens (Fig. 5a), from {f.name}",
+            (f"value_gap_{tag}", f"Counterfactual token value of boosted vs suppressed tokens (Fig. 5a), from {f.name}",
              lambda recs=recs, f=f: fig_value_gap(recs(), f.name)),
             (f"value_entropy_{tag}", f"Value gap on the top-k% highest-entropy tokens (Fig. 5b), from {f.name}",
              lambda recs=recs, f=f: fig_value_entropy(recs(), f.name)),
