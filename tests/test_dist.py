@@ -207,8 +207,6 @@ def _update_grads(tr, combo) -> list[dict[str, torch.Tensor]]:
         "token_weights.method": method, "token_weights.resrl_rank": 2, "algo.kl_coef": kl}.items()])
     tr.planner, tr.loss_spec = PLANNERS.get(planner), LossSpec.from_config(tr.cfg)
     if kl > 0 and tr.ref_model is None:
-        import copy
-
         from tokencredit.model import load_model
         tr.ref_model = load_model("tiny-random")[0].requires_grad_(False)
     got: list[dict[str, torch.Tensor]] = []

@@ -222,23 +222,21 @@ def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters() if p.grad is not None}
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, everywhere: bool = False):
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
     """(weights, optimizer state) of an FSDP2 model as full CPU tensors: a collective
-    (every rank calls it). On rank 0 (every rank with everywhere=True) the weights are
-    {name: tensor} without tied aliases (one name per parameter, as safetensors
-    stores them) and the optimizer state is keyed by parameter name (torch's
-    `get_optimizer_state_dict` layout; None without an optimizer); {} / None on the
-    other ranks."""
+    (every rank calls it). On rank 0 the weights are {name: tensor} without tied
+    aliases (one name per parameter, as safetensors stores them) and the optimizer
+    state is keyed by parameter name (torch's `get_optimizer_state_dict` layout;
+    None without an optimizer); {} / None on the other ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
     weights = get_model_state_dict(model, options=opts)
     osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
-    if everywhere:
-        weights, osd = broadcast_object((weights, osd), DistInfo(dist.get_rank(), dist.get_world_size()))
     if not weights:
         return {}, None
-    return {k: v for k, v in weights.items() if k in _unique_names(model)}, osd
+    unique = _unique_names(model)
+    return {k: v for k, v in weights.items() if k in unique}, osd
 
 
 def load_full_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], optimizer=None, optimizer_state=None) -> None:

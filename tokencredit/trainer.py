@@ -11,8 +11,8 @@ Where each concern lives: prompts data/promptset.py; sampling rollout/
 (backend registry, rollout step); math algo/ and batching.py; the optimizer
 step update.py; run-directory files rundir.py; this file only wires them.
 
-Deliberate simplifications: data parallelism (torchrun) replicates the model and
-gives every rank the whole gathered rollout batch (tokencredit/dist.py); the model stays in eval mode (no
+Deliberate simplifications: data parallelism (torchrun; train.data_parallel ddp or
+fsdp2) gives every rank the whole gathered rollout batch (tokencredit/dist.py); the model stays in eval mode (no
 dropout) so every forward is deterministic; the reference model for KL is a frozen
 copy kept only when `algo.kl_coef > 0`; token-weight quantiles use the entropies
 of the policy at the start of the update (not after earlier mini-batch steps).
