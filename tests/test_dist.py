@@ -226,7 +226,7 @@ def _update_overrides(tmp: str) -> dict:
     return {"model.name": "tiny-random", "data.train": str(data), "rollout.prompts_per_step": 4, "rollout.n": 4,
             "train.mini_batch_size": 2, "train.micro_batch_size": 3, "eval.num_problems": 0, "output.progress": "false",
             "batching.reward_balance.tau": "null", "probes.flip.every": 0, "model.threads": 1, "output.root": tmp,
-            "reward.functions": "[math_verify]"}
+            "reward.functions": "[math_verify]", "train.dist_timeout_s": 120}  # a deadlock fails in 2 min, not 10
 
 
 def _update_worker(rank: int, world: int, port: int, mode: str, tmp: str, out: str) -> None:
@@ -250,7 +250,7 @@ def _update_worker(rank: int, world: int, port: int, mode: str, tmp: str, out: s
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["ddp"])  # fsdp2: this matrix deadlocked (gloo recv timeout) on 2026-12-03, issue 14
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_trainer_update_on_two_ranks_equals_one_process(mode, tmp_path):
     """Every optimizer step of Trainer.update on a fixed batch: the 2-rank gradient equals the
     single-process one (relative <= 1e-6) for every planner x loss aggregation x token-weight

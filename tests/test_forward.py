@@ -259,7 +259,7 @@ def test_shared_prompt_path_matches_naive_values_and_gradients(tiny):
     b = make_batch(tok, prompts, responses)
     calls = []
     orig = fwd._shared_prompt_body
-    fwd._shared_prompt_body = lambda *a: calls.append(1) or orig(*a)
+    fwd._shared_prompt_body = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:
         out = forward_tokens(model, b, temperature=0.7, chunk_tokens=5)
     finally:
@@ -275,3 +275,22 @@ def test_shared_prompt_path_matches_naive_values_and_gradients(tiny):
         if r is None:
             continue
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_prompt_path_forced_on_distinct_prompts_matches_the_full_pass(tiny):
+    """FSDP2 forces the shared-prompt path (`always=True`: every rank must run the same
+    layer calls whatever its rows). On rows with all-distinct prompts, where the
+    plain choice would decline, it returns the full pass's hidden states."""
+    from tokencredit.model import forward as fwd
+
+    model, tok = tiny
+    b = make_batch(tok, ["2+3=", "hi", "what is 7?"], ["5<|im_end|>", "hello there!", "h"])
+    dec = fwd._decoder(model)
+    inputs = b.model_inputs()
+    assert fwd._shared_prompt_body(dec, b, inputs) is None  # 3 distinct prompts of 3 rows: declined
+    with torch.no_grad():
+        shared = fwd._shared_prompt_body(dec, b, inputs, always=True)  # [B, L, H]
+        full = dec(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                   position_ids=inputs["position_ids"], use_cache=False).last_hidden_state
+    real = inputs["attention_mask"].bool()  # padded positions hold no defined state
+    torch.testing.assert_close(shared[real], full[real], atol=1e-5, rtol=1e-5)

@@ -270,7 +270,8 @@ def _body(model, batch: RolloutBatch, with_hidden: bool):
                 captured.append(output[0] if isinstance(output, tuple) else output)
 
         handle = target.register_forward_hook(_grab)
-    h_final = None if with_hidden else _shared_prompt_body(dec, batch, inputs)
+    # under FSDP2 every rank must run the same layer calls (each one gathers shards): always share there
+    h_final = None if with_hidden else _shared_prompt_body(dec, batch, inputs, always=is_fsdp(model))
     try:
         if h_final is None:
             h_final = dec(
@@ -290,9 +291,11 @@ def _body(model, batch: RolloutBatch, with_hidden: bool):
     return h_final, (captured[0] if with_hidden else None), (b_idx, t_idx, pos)
 
 
-def _shared_prompt_body(dec, batch: RolloutBatch, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+def _shared_prompt_body(dec, batch: RolloutBatch, inputs: dict[str, torch.Tensor], always: bool = False) -> torch.Tensor | None:
     """`[B, L, H]` final hidden states computed with each distinct prompt run once, or None when
-    fewer than half the rows share a prompt.
+    fewer than half the rows share a prompt (unless `always`: FSDP2, where a choice that
+    depends on a rank's own rows would make ranks run different numbers of layer calls, each
+    a collective gather, and deadlock).
 
     The G rows of a group repeat one prompt, and prompts are usually longer than responses, so
     most of a full `[B, L]` pass recomputes identical prompt states. Here the decoder runs the U
@@ -309,7 +312,7 @@ def _shared_prompt_body(dec, batch: RolloutBatch, inputs: dict[str, torch.Tensor
     ids, attn, pos = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]  # [B, L] each
     key = torch.cat([ids[:, :P], attn[:, :P]], dim=1)  # [B, 2P]: a prompt and its padding
     uniq, inv = torch.unique(key, dim=0, return_inverse=True)  # [U, 2P], [B]
-    if 2 * uniq.shape[0] > key.shape[0]:
+    if 2 * uniq.shape[0] > key.shape[0] and not always:
         return None
     u_mask = uniq[:, P:]  # [U, P]
     cache = DynamicCache(config=dec.config)
