@@ -156,3 +156,47 @@ def test_resume_with_another_backend_is_said(tmp_path, capsys):
     _run(tmp_path, "switch", 1, extra=["rollout.backend=hf"])
     _run(tmp_path, "switch", 2, resume=True)
     assert "sampled with HFSampler and continues with VLLMSampler" in capsys.readouterr().out
+
+
+def test_torchrun_two_ranks_one_engine_each_synced_from_fsdp2_shards(tmp_path):
+    """`torchrun --nproc_per_node 2 ... rollout.backend=vllm train.data_parallel=fsdp2`: each
+    rank builds its own engine (external_launcher) from the full weights and samples its
+    prompts with their stream-position seeds, so 1 and 2 processes draw the same rows and
+    rewards; after every update the engine is synced from the gathered FSDP2 shards, so
+    the trainer recomputes what vLLM sampled (an unsynced engine is off by > 0.1, see
+    test_weight_sync_and_stale_version_refusal); the same gradient norms as one process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tokencredit.model.load import save_model
+
+    save_model(*_tiny(), tmp_path / "model")
+    data, rew = tmp_path / "digits.jsonl", tmp_path / "rew.py"
+    data.write_text("".join(json.dumps({"prompt": f"Say the digit {d}.", "answer": str(d)}) + "\n" for d in range(10)))
+    rew.write_text("import hashlib\n\ndef reward(responses, answers, prompts, **kw):\n"
+                   "    return [float(int(hashlib.md5(r.encode()).hexdigest(), 16) % 3 == 0) for r in responses]\n")
+    rows = {}
+    for nproc in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "-m", "tokencredit",
+               "train", f"model.name={tmp_path / 'model'}", f"data.train={data}", "train.steps=3", "rollout.prompts_per_step=4",
+               "rollout.n=4", "rollout.max_new_tokens=6", "train.lr=1e-2", "train.mini_batch_size=2", "train.micro_batch_size=4",
+               "eval.num_problems=0", "output.save_every=0", "output.progress=false", "output.save_final=false",
+               "batching.reward_balance.tau=null", "batching.planner=query_preserved", *SMALL, "model.threads=1",
+               "train.data_parallel=fsdp2", "train.dist_timeout_s=120", f"output.root={tmp_path}", f"output.run_name=n{nproc}",
+               f"reward.functions=[{rew}:reward]"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows[nproc] = [json.loads(x) for x in (tmp_path / f"n{nproc}" / "metrics.jsonl").read_text().splitlines()]
+    one, two = rows[1], rows[2]
+    assert [r["step"] for r in two] == [1, 2, 3]
+    assert sum("grad_norm" in r for r in two) >= 2, "precondition: at least two updates (one after a sync)"
+    for a, b in zip(one, two):
+        assert a["reward_mean"] == b["reward_mean"]  # the same rows sampled on 1 and 2 ranks
+        if "grad_norm" in a:
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+            assert b["rollout_logprob_abs_diff_max"] <= 1e-4  # vLLM holds the trainer's (gathered) weights

@@ -222,6 +222,15 @@ def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters() if p.grad is not None}
 
 
+def full_tensors(model: torch.nn.Module):
+    """(name, full tensor) for every state-dict entry, one at a time: FSDP2 shards
+    (DTensors) are all-gathered, so under FSDP2 this is a collective and every rank
+    must iterate it to the end in the same order; plain tensors pass through. For
+    handing the weights to a per-rank vLLM engine (rollout/vllm.py)."""
+    for name, t in model.state_dict().items():
+        yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+
+
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
     """(weights, optimizer state) of an FSDP2 model as full CPU tensors: a collective
     (every rank calls it). On rank 0 the weights are {name: tensor} without tied

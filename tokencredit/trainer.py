@@ -112,15 +112,15 @@ class Trainer:
         self.ref_model = None
         if cfg.algo.kl_coef > 0:  # replicated on every rank, also under FSDP2 (no-grad forwards only)
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
+        # the sampler before sharding: a vLLM engine loads the full weights (later syncs gather them)
+        self.sampler = make_sampler(self.model, self.tokenizer, cfg)
         if self.dist.world > 1:
             shard_model(self.model, cfg.train.data_parallel, mixed_precision=self.fsdp and self.device.type == "cuda")
+            self.sampler = RankSampler(self.sampler, self.dist)  # each rank samples its share; rows gathered
 
         # ---- data: rendered prompts + answers (filtered by length), the held-out set
         self.prompt_set = build_prompt_set(cfg, self.tokenizer, "train")
         self.eval_set = build_prompt_set(cfg, self.tokenizer, "eval")
-        self.sampler = make_sampler(self.model, self.tokenizer, cfg)
-        if self.dist.world > 1:
-            self.sampler = RankSampler(self.sampler, self.dist)  # each rank samples its share; rows gathered
         self.loss_spec = LossSpec.from_config(cfg)
 
         self.planner = PLANNERS.get(cfg.batching.planner)

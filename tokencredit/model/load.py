@@ -91,9 +91,13 @@ def load_model(
     return model, tok
 
 
-def save_model(model, tokenizer, directory: str | os.PathLike) -> Path:
+def save_model(model, tokenizer, directory: str | os.PathLike, all_ranks: bool = False) -> Path:
     """Write `model` (safetensors weights + config) and `tokenizer` to `directory`
     with `save_pretrained`, so `load_model(directory)` reads them back.
+
+    Under torch.distributed, transformers writes weights and config on rank 0
+    only; `all_ranks=True` writes them on this rank too (each rank's own
+    directory, e.g. the one its vLLM engine loads).
 
     Safe on a model loaded from GGUF: any leftover quantizer is dropped first
     (the weights are already dequantised), giving a normal checkpoint that
@@ -102,10 +106,16 @@ def save_model(model, tokenizer, directory: str | os.PathLike) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     _drop_quantizer(model)
-    with _quiet_progress():
-        model.save_pretrained(str(out))  # transformers 5 always writes safetensors
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out))
+    if all_ranks:  # an instance attribute shadows transformers' rank-0-only check for this call
+        model.should_save_on_this_rank = lambda is_main_process=True: True
+    try:
+        with _quiet_progress():
+            model.save_pretrained(str(out))  # transformers 5 always writes safetensors
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(out))
+    finally:
+        if all_ranks:
+            del model.should_save_on_this_rank
     return out
 
 

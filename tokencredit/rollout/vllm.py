@@ -24,8 +24,15 @@ Reproducibility: each prompt gets its own sampling seed, a pure function of
 run samples exactly what the uninterrupted one did; engine creation (which
 seeds the global RNGs) runs inside a saved/restored RNG state.
 
-Simplifications: one engine per process (data parallelism: one per rank);
-sleep mode only on GPU and untested here; no LoRA; text-only.
+Data parallelism (torchrun): one engine per rank, built with vLLM's
+`external_launcher` executor inside the existing torch.distributed world,
+each sampling its own prompts (dist.RankSampler). The engine is built from the
+full weights before the trainer shards the model, and `sync_weights` reads
+`dist.full_tensors` (FSDP2 shards all-gathered one tensor at a time: every rank
+syncs at the same point). Tensor parallelism inside a rank's engine
+(rollout.vllm_tensor_parallel_size > 1) under torchrun is refused.
+
+Simplifications: sleep mode only on GPU and untested here; no LoRA; text-only.
 """
 
 from __future__ import annotations
@@ -119,12 +126,20 @@ class VLLMSampler:
         )
         if r.vllm_max_num_seqs:
             kw["max_num_seqs"] = r.vllm_max_num_seqs
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            if r.vllm_tensor_parallel_size > 1:
+                raise ConfigError(f"rollout.vllm_tensor_parallel_size={r.vllm_tensor_parallel_size} under torchrun: one vLLM "
+                                  "engine per rank is supported, tensor parallelism inside it is not; set it to 1")
+            kw["distributed_executor_backend"] = "external_launcher"  # this rank's engine in the existing world
         if kv is not None:
             kw["kv_cache_memory_bytes"] = int(kv * 2**30)
+        from tokencredit.model.forward import is_fsdp
         from tokencredit.model.load import save_model
 
+        if is_fsdp(model):
+            raise RuntimeError("VLLMSampler: build the engine before the model is sharded (it loads the full weights)")
         with tempfile.TemporaryDirectory(prefix="tokencredit-vllm-") as d, _rng_kept():
-            save_model(model, tokenizer, d)  # the trainer's weights, as a Hugging Face directory
+            save_model(model, tokenizer, d, all_ranks=True)  # the trainer's weights, as a Hugging Face directory
             try:
                 self.llm = vllm.LLM(model=d, tokenizer=d, **kw)
             except Exception as e:  # vLLM's reason, in one line
@@ -141,12 +156,18 @@ class VLLMSampler:
 
     def sync_weights(self, model, policy_version: int) -> None:
         """Copy every tensor of `model` into the engine, reset its prefix cache, and
-        record the policy version it now holds."""
+        record the policy version it now holds. Under FSDP2 a collective (the shards
+        are gathered tensor by tensor): every rank calls it."""
+        from tokencredit.dist import full_tensors
+
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
+        tensors = full_tensors(model)
         with torch.no_grad():
-            self._engine_model().load_weights((name, t.detach()) for name, t in model.state_dict().items())
+            self._engine_model().load_weights(tensors)
+            for _ in tensors:  # gather to the end even if the loader stopped early: the ranks stay in step
+                pass
         self.llm.reset_prefix_cache()
         self.policy_version = policy_version
 
