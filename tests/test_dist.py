@@ -82,6 +82,56 @@ def test_two_ranks_give_the_single_process_gradient(mode, tmp_path):
             assert rel <= 1e-6, (mode, agg, den, name, rel)
 
 
+def _gen_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Under FSDP2 each rank generates and forwards a different amount of work (rank r:
+    r + 1 prompts, 3 + 5r new tokens, r + 2 rows): with the parameters gathered once
+    (full_params) no decoding step is a collective, so nothing waits for the other rank."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from tokencredit.dist import init_distributed, shard_model
+    from tokencredit.model.forward import forward_rows
+    from tokencredit.model.tiny import build_tiny
+    from tokencredit.rollout.hf import generate_hf
+
+    init_distributed(timeout_s=60)
+    model, tok = build_tiny(seed=5, hidden=32, layers=2, heads=4, tie=True)
+    shard_model(model, "fsdp2")
+    b = generate_hf(model, tok, [f"Say {i}." for i in range(rank + 1)], n=2, temperature=0.0, top_p=1.0,
+                    max_new_tokens=3 + 5 * rank, gen_batch_size=8, group_offset=0)
+    lp = forward_rows(model, b.select(range(rank + 2)), micro_rows=1, with_entropy=False)["logprob"]
+    local = model.model.layers[0].self_attn.q_proj.weight.to_local().shape[0]  # resharded after: half the rows
+    save_file({"ids": b.response_ids.contiguous(), "lp": lp.contiguous(), "local": torch.tensor([local])}, f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fsdp2_generation_and_no_grad_forwards_need_no_lockstep(tmp_path):
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from tokencredit.model.forward import forward_rows
+    from tokencredit.model.tiny import build_tiny
+    from tokencredit.rollout.hf import generate_hf
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "gen")
+    mp.start_processes(_gen_worker, args=(2, port, out), nprocs=2, join=True, start_method="spawn")
+    model, tok = build_tiny(seed=5, hidden=32, layers=2, heads=4, tie=True)
+    for rank in (0, 1):
+        got = load_file(f"{out}.{rank}")
+        b = generate_hf(model, tok, [f"Say {i}." for i in range(rank + 1)], n=2, temperature=0.0, top_p=1.0,
+                        max_new_tokens=3 + 5 * rank, gen_batch_size=8, group_offset=0)
+        assert torch.equal(got["ids"], b.response_ids)  # the unsharded model's greedy tokens
+        lp = forward_rows(model, b.select(range(rank + 2)), micro_rows=1, with_entropy=False)["logprob"]
+        torch.testing.assert_close(got["lp"], lp, atol=1e-5, rtol=1e-5)
+        assert int(got["local"]) == model.model.layers[0].self_attn.q_proj.weight.shape[0] // 2
+
+
 def test_rank_rows_keeps_groups_whole_and_balances_tokens():
     from tokencredit.dist import rank_rows
 

@@ -32,13 +32,15 @@ Try it:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tokencredit.batch import RolloutBatch
 
-__all__ = ["forward_rows", "forward_tokens", "is_fsdp", "lm_head_inputs", "naive_token_logprobs", "through_root"]
+__all__ = ["forward_rows", "forward_tokens", "full_params", "is_fsdp", "lm_head_inputs", "naive_token_logprobs", "through_root"]
 
 
 # ----------------------------------------------------------------- public API
@@ -141,17 +143,18 @@ def forward_rows(
     was = model.training
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
-    try:
-        for s in range(0, B, micro_rows):
-            sub = batch.select(range(s, min(B, s + micro_rows))).to(dev)
-            out = forward_tokens(model, sub, temperature=temperature, chunk_tokens=chunk_tokens,
-                                 with_entropy=with_entropy, with_hidden=with_hidden)
-            for k, v in out.items():
-                pad = torch.zeros((v.shape[0], T) + tuple(v.shape[2:]), dtype=v.dtype)  # [b, T(, H)]
-                pad[:, : v.shape[1]] = v.cpu()
-                parts.setdefault(k, []).append(pad)
-    finally:
-        model.train(was)
+    with full_params(model):  # FSDP2: one gather for all micro-batches
+        try:
+            for s in range(0, B, micro_rows):
+                sub = batch.select(range(s, min(B, s + micro_rows))).to(dev)
+                out = forward_tokens(model, sub, temperature=temperature, chunk_tokens=chunk_tokens,
+                                     with_entropy=with_entropy, with_hidden=with_hidden)
+                for k, v in out.items():
+                    pad = torch.zeros((v.shape[0], T) + tuple(v.shape[2:]), dtype=v.dtype)  # [b, T(, H)]
+                    pad[:, : v.shape[1]] = v.cpu()
+                    parts.setdefault(k, []).append(pad)
+        finally:
+            model.train(was)
     if not parts:  # no rows
         keys = ["logprob"] + (["entropy"] if with_entropy else [])
         return {k: torch.zeros(0, T) for k in keys}
@@ -205,6 +208,34 @@ def is_fsdp(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def full_params(model):
+    """FSDP2: gather every sharded module's parameters once and keep them for the block,
+    so the no-grad forwards inside (generation, old log-probs, probes) run no
+    collectives: ranks may then run different numbers of forwards. Resharded on
+    exit. Entering is a collective (every rank enters); nested entries and plain
+    models are no-ops. Memory: the full model on every rank for the block's length,
+    as a colocated vLLM engine holds it anyway."""
+    if not is_fsdp(model) or getattr(model, "_tc_full_params", False):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first
+    model.set_reshard_after_forward(False)  # recursive: every layer keeps its gathered parameters
+    for m in mods:
+        m.unshard()
+    model._tc_full_params = True
+    try:
+        yield
+    finally:
+        model._tc_full_params = False
+        for m in mods[1:]:  # the layers reshard after forward again; the root never does (FSDP2's default)
+            m.set_reshard_after_forward(True, recurse=False)
+        for m in mods:
+            m.reshard()
 
 
 def needs_root_call(model) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from tokencredit.batch import RolloutBatch
-from tokencredit.model.forward import is_fsdp, through_root
+from tokencredit.model.forward import full_params, is_fsdp, through_root
 
 
 HF_CACHES = ("auto", "dynamic", "static")
@@ -44,21 +44,20 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: list[int]) -> tu
 
 
 @torch.no_grad()
-def _shared_prompt_cache(model, ids: torch.Tensor, am: torch.Tensor, share: bool | None = None):
+def _shared_prompt_cache(model, ids: torch.Tensor, am: torch.Tensor):
     """KV cache of every prompt but its last token, computed once per distinct prompt and copied to
     its rows; None when fewer than half the rows share a prompt. `generate` then prefills only the
     last prompt token: the n rows of a group no longer recompute one prompt n times.
 
-    ids, am: [R, P] left-padded prompt rows of one generate call. share: decided by the caller
-    (under FSDP2 every rank must take the same path, whatever its own prompts); None = by the rows.
+    ids, am: [R, P] left-padded prompt rows of one generate call.
     """
     from transformers import DynamicCache
 
     dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if dec is None or dec is model or share is False:
+    if dec is None or dec is model:
         return None
     uniq, inv = torch.unique(torch.cat([ids, am], dim=1), dim=0, return_inverse=True)  # [U, 2P], [R]
-    if share is None and (ids.shape[1] < 2 or 2 * uniq.shape[0] > ids.shape[0]):
+    if ids.shape[1] < 2 or 2 * uniq.shape[0] > ids.shape[0]:
         return None
     P = ids.shape[1]
     u_ids, u_mask = uniq[:, : P - 1], uniq[:, P : 2 * P - 1]  # [U, P-1]
@@ -123,25 +122,22 @@ def generate_hf(
     else:
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
 
-    # FSDP2 (torchrun): every decoding step gathers parameters, a collective, so all ranks step until the
-    # last one is done (synced_gpus) and all take the same prefill path (shared when groups repeat prompts)
-    synced = is_fsdp(model) and torch.distributed.is_initialized()
-    share = (n > 1 and prompt_ids.shape[1] >= 2) if synced else None
-    if synced:
-        gen_kwargs["synced_gpus"] = True
+    # FSDP2 (torchrun): the parameters are gathered once for the whole call (full_params), so decoding
+    # steps run no collectives and each rank stops when its own rows are done
     chunks = []
     was_training = model.training
     model.eval()
-    for s in range(0, B, gen_batch_size):
-        ids = prompt_ids[s : s + gen_batch_size].to(device)
-        am = prompt_mask[s : s + gen_batch_size].to(device)
-        kv = _shared_prompt_cache(model, ids, am, share) if cache != "static" else None
-        if kv is not None:
-            extra = {"past_key_values": kv}
-        else:
-            extra = {"cache_implementation": "static"} if cache != "dynamic" else {}
-        out = model.generate(input_ids=ids, attention_mask=am, **gen_kwargs, **extra)
-        chunks.append(out[:, ids.shape[1] :].cpu())
+    with full_params(model):
+        for s in range(0, B, gen_batch_size):
+            ids = prompt_ids[s : s + gen_batch_size].to(device)
+            am = prompt_mask[s : s + gen_batch_size].to(device)
+            kv = _shared_prompt_cache(model, ids, am) if cache != "static" else None
+            if kv is not None:
+                extra = {"past_key_values": kv}
+            else:
+                extra = {"cache_implementation": "static"} if cache != "dynamic" else {}
+            out = model.generate(input_ids=ids, attention_mask=am, **gen_kwargs, **extra)
+            chunks.append(out[:, ids.shape[1] :].cpu())
     if was_training:
         model.train()
     T = max(c.shape[1] for c in chunks)
