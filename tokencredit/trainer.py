@@ -11,8 +11,8 @@ Where each concern lives: prompts data/promptset.py; sampling rollout/
 (backend registry, rollout step); math algo/ and batching.py; the optimizer
 step update.py; run-directory files rundir.py; this file only wires them.
 
-Deliberate simplifications: data parallelism (torchrun; train.data_parallel ddp or
-fsdp2) gives every rank the whole gathered rollout batch (tokencredit/dist.py); the model stays in eval mode (no
+Deliberate simplifications: data parallelism (torchrun; train.data_parallel fsdp2 or
+ddp) gives every rank the whole gathered rollout batch (tokencredit/dist.py); the model stays in eval mode (no
 dropout) so every forward is deterministic; the reference model for KL is a frozen
 copy kept only when `algo.kl_coef > 0`; token-weight quantiles use the entropies
 of the policy at the start of the update (not after earlier mini-batch steps).
@@ -95,7 +95,6 @@ class Trainer:
         self.trackers: list[Tracker] = []  # opened when train() starts, closed when it ends
         self.dist = init_distributed(cfg.train.dist_timeout_s)  # torchrun: data parallel over WORLD_SIZE ranks (tokencredit/dist.py)
         _check_world(cfg, self.dist.world)  # before the model loads
-        self.fsdp = self.dist.world > 1 and cfg.train.data_parallel == "fsdp2"
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
         torch.manual_seed(cfg.train.seed + 1_000_003 * self.dist.rank)  # rank 0 samples as one process would
@@ -103,6 +102,9 @@ class Trainer:
         # reward.functions load in their worker processes before the model: a bad spec fails in seconds
         self.verifier = start_reward_functions(cfg.reward)
         self.device = resolve_device(cfg.model.device)
+        # auto: FSDP2 on GPU; on CPU (gloo) replicated weights, which measured faster (docs/results/dp_scaling.md)
+        self.dp_mode = {"auto": "fsdp2" if self.device.type == "cuda" else "ddp"}.get(cfg.train.data_parallel, cfg.train.data_parallel)
+        self.fsdp = self.dist.world > 1 and self.dp_mode == "fsdp2"
         if model is None:
             model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, device=str(self.device))
         self.model, self.tokenizer = model.to(self.device), tokenizer
@@ -115,7 +117,7 @@ class Trainer:
         # the sampler before sharding: a vLLM engine loads the full weights (later syncs gather them)
         self.sampler = make_sampler(self.model, self.tokenizer, cfg)
         if self.dist.world > 1:
-            shard_model(self.model, cfg.train.data_parallel, mixed_precision=self.fsdp and self.device.type == "cuda")
+            shard_model(self.model, self.dp_mode, mixed_precision=self.fsdp and self.device.type == "cuda")
             self.sampler = RankSampler(self.sampler, self.dist)  # each rank samples its share; rows gathered
 
         # ---- data: rendered prompts + answers (filtered by length), the held-out set
@@ -505,7 +507,7 @@ class Trainer:
             state["optimizer"] = self.optimizer.state_dict()
         if self.dist.world > 1:  # every rank's generators (a collective: every rank calls save)
             state["world"] = self.dist.world
-            state["data_parallel"] = self.cfg.train.data_parallel
+            state["data_parallel"] = self.dp_mode
             state["rng_ranks"] = gather_object(state["rng"], self.dist)
         if self.buffer is not None:
             state["buffer"] = self.buffer.state_dict()
@@ -531,10 +533,10 @@ class Trainer:
         if int(st.get("world", 1)) != self.dist.world:
             raise ConfigError(f"resume: {ck} was written by {st.get('world', 1)} process(es); resume it with the same number "
                               f"(torchrun --nproc_per_node {st.get('world', 1)}), not {self.dist.world}")
-        was_dp = st.get("data_parallel", self.cfg.train.data_parallel)
-        if self.dist.world > 1 and was_dp != self.cfg.train.data_parallel:
+        was_dp = st.get("data_parallel", self.dp_mode)
+        if self.dist.world > 1 and was_dp != self.dp_mode:
             raise ConfigError(f"resume: {ck} was written with train.data_parallel={was_dp}; resume it with that, "
-                              f"not {self.cfg.train.data_parallel}")
+                              f"not {self.dp_mode} ({self.cfg.train.data_parallel})")
         self.rollout_step = st["rollout_step"]
         self.prompt_cursor = st.get("prompt_cursor", self.rollout_step * self.cfg.rollout.prompts_per_step)
         self.ds_surplus_total = st.get("ds_surplus_total", 0)
