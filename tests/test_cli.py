@@ -141,3 +141,15 @@ def test_probe_value_takes_run_and_overrides(tmp_path, monkeypatch, capsys):
     assert main(["probe", "value", str(tmp_path), "--step", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--run RUN_DIR is required" in err and f"--run {tmp_path}" in err and "\n" not in err
+
+
+def test_standalone_commands_refuse_torchrun(monkeypatch, capsys):
+    """Only `train` is data-parallel: a probe (or eval/export/report) started under
+    torchrun stops with one line before any model loads, instead of N copies racing."""
+    from tokencredit.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["export", "/nonexistent-run"]) == 2
+    err = capsys.readouterr().err
+    assert "runs in one process" in err and "WORLD_SIZE=2" in err and len(err.strip().splitlines()) == 1

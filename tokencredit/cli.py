@@ -141,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "math_verify", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and args.command != "train":  # only training is data-parallel
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            print(f"tokencredit: error: `tokencredit {args.command}` runs in one process; run it without torchrun "
+                  f"(WORLD_SIZE={world}). Probes inside training (probes.flip) do run under torchrun.", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except _user_errors() as e:
