@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install install-vllm clean
+.PHONY: demo test install install-vllm replicate clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,6 +31,12 @@ install-vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/tokencredit train
+
+# the replication study of docs/results/replication.md (scripts/replicate.py; SIZE=full ~40 min on 2 cores)
+SIZE ?= full
+SEED ?= 0
+replicate: $(STAMP)
+	$(PY) scripts/replicate.py --size $(SIZE) --seed $(SEED) --out replication-$(SIZE)-s$(SEED)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

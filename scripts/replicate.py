@@ -1,0 +1,203 @@
+"""Small-scale replication of the cancellation paper's probe findings on SmolLM2 (issue 15;
+results: docs/results/replication.md).
+
+    python scripts/replicate.py                       # every part, --size full, seed 0 -> replication/
+    python scripts/replicate.py --size small --seed 1 --out replication-s1
+    make replicate SIZE=small SEED=1
+
+Parts, in order; each writes OUT/<part>.json and is skipped when that file exists, so a
+killed study continues where it stopped (delete a file to redo its part):
+
+  base   `tokencredit train` on the ablation task (built-in arithmetic level 2, held-out
+         accuracy ~30% at start, so groups are mixed; docs/results/batching_ablation.md) for
+         --base-steps rollout steps: its last checkpoint is the state every probe starts
+         from, with an AdamW state that has seen the run's optimizer steps (App. D.3:
+         a fresh Adam's first step is close to sign descent, so a used state is the default).
+  batch  one rollout batch of max(budgets) prompts x 8 at that checkpoint (the run's next
+         prompts, probes/context.py sample_batch) with dynamic sampling (only prompts whose
+         rewards differ), saved as OUT/rollouts.safetensors; the smaller budgets are its
+         first k groups (nested: the same rows, more of them).
+  flip   claims 1, 2 and 5: for every budget x update, the polarity probe (Alg. 2: the update
+         with A and with A+ = A 1[A>0] from the same state; probes/polarity.py) on the
+         budget's rows: boosted / suppressed / stable fractions of A>0 and A<0 rows'
+         tokens after one update, their sign agreement, category masses (Fig. 4), each
+         with a 95% bootstrap interval over prompts (tokens of one rollout are correlated).
+         Updates: AdamW from the checkpoint's optimizer state at lr 1e-6 (the paper's) and
+         2e-5 (ours), and plain SGD on Eq. 2 at lr 0.1 (App. D.2).
+  figures  OUT/flip_budget.png (claim 1 / 2) from flip.json.
+
+Size knob: --size full = budgets 4, 16, 64 prompts (x 8 rollouts; ~25 min on 2 cores),
+small = 2, 4, 8 (a few minutes; the CI-sized smoke of the pipeline).
+
+Simplifications: one state (one checkpoint), one batch per seed; a budget's update is one
+optimizer step on all its rows (the trainer would split it into mini-batches); the same
+eps as the flip probe (1e-6) decides "stable".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SIZES = {"small": (2, 4, 8), "full": (4, 16, 64)}
+UPDATES = {  # name -> (update, lr)
+    "adamw_lr1e-6": ("adamw", 1e-6),
+    "adamw_lr2e-5": ("adamw", 2e-5),
+    "sgd_lr0.1": ("sgd", 0.1),
+}
+TASK = ["data.difficulty=2", "rollout.n=8", "eval.num_problems=0", "probes.flip.every=0"]
+
+
+# ------------------------------------------------------------------ parts
+def part_base(out: Path, args) -> dict:
+    run = out / "base"
+    cmd = [sys.executable, "-m", "tokencredit", "train", *TASK, f"train.steps={args.base_steps}", f"train.seed={args.seed}",
+           f"output.root={out}", "output.run_name=base", "output.progress=false", "output.save_final=false",
+           f"model.threads={args.threads}"]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"base run failed:\n{r.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {"command": " ".join(cmd[1:]), "run": str(run), "wall_s": round(time.perf_counter() - t, 1),
+            "reward_mean": [r["reward_mean"] for r in rows if "reward_mean" in r],
+            "optimizer_steps": json.loads((run / "summary.json").read_text())["optimizer_steps"]}
+
+
+def _context(out: Path, args, budget: int):
+    from tokencredit.probes.context import load_model_into, resolve_context
+
+    # dynamic sampling (DAPO; the 80/20 paper's setup): `budget` prompts whose 8 rewards are not all
+    # equal, so every prompt of a budget moves the update and A>0 / A<0 rows exist at every budget
+    ds = ["rollout.dynamic_sampling=true", "rollout.max_gen_rounds=4"]
+    ctx = resolve_context(run=str(out / "base"), overrides=[f"rollout.prompts_per_step={budget}", "rollout.n=8", *ds],
+                          threads=args.threads, out=str(out / "probe"))
+    return load_model_into(ctx)
+
+
+def part_batch(out: Path, args) -> dict:
+    from tokencredit.batch import save_batch
+    from tokencredit.probes.context import sample_batch
+
+    budget = max(SIZES[args.size])
+    ctx = _context(out, args, budget)
+    t = time.perf_counter()
+    batch, m = sample_batch(ctx, args.seed)
+    save_batch(batch, out / "rollouts")
+    return {"prompts": budget, "rows": len(batch), "reward_mean": m["reward_mean"], "sample_s": round(time.perf_counter() - t, 1),
+            "mixed_groups": int(sum(len(set(batch.reward[batch.group_id == g].tolist())) > 1 for g in batch.group_id.unique())),
+            "checkpoint": str(ctx.checkpoint), "temperature": ctx.temperature}
+
+
+def part_flip(out: Path, args) -> dict:
+    from tokencredit.batch import load_batch
+    from tokencredit.probes.bootstrap import flip_fractions_ci
+    from tokencredit.probes.categories import category_mass
+    from tokencredit.probes.polarity import polarity_probe
+    from tokencredit.update import LossSpec
+
+    full = load_batch(out / "rollouts")
+    ctx = _context(out, args, max(SIZES[args.size]))
+    cfg, state = ctx.cfg, ctx.optimizer_state
+    groups = list(dict.fromkeys(full.group_id.tolist()))
+    res: dict = {"optimizer_state_steps": int(ctx.state.get("optim_steps", -1)), "runs": []}
+    for budget in SIZES[args.size]:
+        keep = set(groups[:budget])
+        batch = full.select([i for i, g in enumerate(full.group_id.tolist()) if g in keep])
+        for name, (update, lr) in UPDATES.items():
+            kw = {}
+            if update == "adamw":
+                kw = dict(optimizer_state=state, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
+                          grad_clip=cfg.train.grad_clip, spec=LossSpec.from_config(cfg, with_kl=False))
+            t = time.perf_counter()
+            table, summ = polarity_probe(ctx.model, batch, update=update, lr=lr, temperature=ctx.temperature,
+                                         chunk_tokens=cfg.model.chunk_tokens, micro_rows=args.micro_rows, **kw)
+            stats = flip_fractions_ci(table, batch.group_id.numpy(), seed=args.seed)  # bootstrap over prompts
+            cats = category_mass(table, ctx.tokenizer, weight="boosted")
+            res["runs"].append({"budget": budget, "update": name, "lr": lr, "rows": len(batch), "tokens": summ["tokens"],
+                                "rows_pos": summ["rows_pos"], "rows_neg": summ["rows_neg"], "rows_zero": summ["rows_zero"],
+                                "stats": stats, "categories": {k: {c: v[c] for c in ("math", "format", "reasoning")}
+                                                               for k, v in cats.items() if k != "shift"},
+                                "seconds": round(time.perf_counter() - t, 1)})
+            s = stats["grpo"]
+            print(f"  budget {budget:3d} x 8, {name:13s}: A>0 boosted {s['pos']['boosted'][0]:.3f}, A<0 boosted "
+                  f"{s['neg']['boosted'][0]:.3f}, A+ agreement {stats['sign_agreement'][0]:.3f} "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+    return res
+
+
+def figures(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    flip = json.loads((out / "flip.json").read_text())
+    fig, axes = plt.subplots(1, len(UPDATES), figsize=(4.2 * len(UPDATES), 3.6), sharey=True)
+    for ax, name in zip(np.atleast_1d(axes), UPDATES):
+        runs = [r for r in flip["runs"] if r["update"] == name]
+        x = [r["budget"] for r in runs]
+        for var, sub, kind, style in (("grpo", "pos", "boosted", "C0-o"), ("grpo", "neg", "boosted", "C3-o"),
+                                      ("positive_only", "pos", "boosted", "C0--s"), ("positive_only", "neg", "boosted", "C3--s")):
+            v = np.array([r["stats"][var][sub][kind] for r in runs])  # [k, 3]
+            ax.errorbar(x, v[:, 0], yerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], fmt=style, capsize=3,
+                        label=f"{'A' if var == 'grpo' else 'A+'} update, {'A>0' if sub == 'pos' else 'A<0'} rows")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [str(b) for b in x])
+        ax.set_title(name)
+        ax.set_xlabel("prompts in the update (x 8 rollouts)")
+        ax.axhline(0.5, color="grey", lw=0.5)
+    np.atleast_1d(axes)[0].set_ylabel("fraction of tokens boosted")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.suptitle("Token flips after one update vs the update's batch (95% CI, bootstrap over prompts)")
+    fig.tight_layout()
+    fig.savefig(out / "flip_budget.png", dpi=120)
+
+
+PARTS = {"base": part_base, "batch": part_batch, "flip": part_flip}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="full", help="budgets: full = 4/16/64 prompts, small = 2/4/8")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the base run, the batch and the bootstrap")
+    ap.add_argument("--out", default=None, help="output directory (default replication-<size>-s<seed>)")
+    ap.add_argument("--base-steps", type=int, default=16, help="rollout steps of the base run (16: the ablation's length, train reward ~0.3)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--micro-rows", type=int, default=16, help="rows per forward/backward (memory only)")
+    ap.add_argument("--parts", default="base,batch,flip", help="comma-separated parts to run (others are skipped)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out or f"replication-{args.size}-s{args.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"replication: {platform.machine()}, size {args.size}, seed {args.seed}, out {out}, {time.strftime('%Y-%m-%d %H:%M')}")
+    for name in args.parts.split(","):
+        path = out / f"{name}.json"
+        if path.exists():
+            print(f"{name}: done before ({path})")
+            continue
+        t = time.perf_counter()
+        print(f"{name}: running", flush=True)
+        res = PARTS[name](out, args)
+        res |= {"date": time.strftime("%Y-%m-%d %H:%M"), "seconds": round(time.perf_counter() - t, 1), "args": vars(args)}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        tmp.replace(path)  # atomic: a part is done only when its file is whole
+        print(f"{name}: {res['seconds']:.0f} s", flush=True)
+    if (out / "flip.json").exists():
+        figures(out)
+
+
+if __name__ == "__main__":
+    main()
