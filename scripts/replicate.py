@@ -24,6 +24,8 @@ killed study continues where it stopped (delete a file to redo its part):
          with a 95% bootstrap interval over prompts (tokens of one rollout are correlated).
          Updates: AdamW from the checkpoint's optimizer state at lr 1e-6 (the paper's) and
          2e-5 (ours), and plain SGD on Eq. 2 at lr 0.1 (App. D.2).
+  momentum  the AdamW step on the middle budget with the batch's A and with A = 0: how much
+         of a step from a used optimizer state is the earlier batches' momentum.
   figures  OUT/flip_budget.png (claim 1 / 2) from flip.json.
 
 Size knob: --size full = budgets 4, 16, 64 prompts (x 8 rollouts; ~25 min on 2 cores),
@@ -137,6 +139,52 @@ def part_flip(out: Path, args) -> dict:
     return res
 
 
+def part_momentum(out: Path, args) -> dict:
+    """How much of an AdamW step from a used state is this batch's: the same step with every
+    advantage set to 0 still moves the weights (first moment of earlier batches, weight
+    decay). On the middle budget: mean |Delta log p| and the moved-token share of the step
+    with the batch's A and with A = 0, and how often their signs agree."""
+    import copy
+
+    from tokencredit.batch import load_batch
+    from tokencredit.model.forward import forward_rows
+    from tokencredit.probes.polarity import adamw_update
+    from tokencredit.update import LossSpec
+
+    full = load_batch(out / "rollouts")
+    ctx = _context(out, args, max(SIZES[args.size]))
+    cfg = ctx.cfg
+    budget = SIZES[args.size][1]
+    keep = set(list(dict.fromkeys(full.group_id.tolist()))[:budget])
+    batch = full.select([i for i, g in enumerate(full.group_id.tolist()) if g in keep])
+    kw = dict(temperature=ctx.temperature, chunk_tokens=cfg.model.chunk_tokens, micro_rows=args.micro_rows)
+    mask = batch.response_mask > 0
+
+    def logprob(m):
+        return forward_rows(m, batch, with_entropy=False, **kw)["logprob"][mask]  # [N]
+
+    before = logprob(ctx.model)
+    res: dict = {"budget": budget, "rows": len(batch), "tokens": int(mask.sum()), "runs": []}
+    for name, (update, lr) in UPDATES.items():
+        if update != "adamw":
+            continue
+        fn = adamw_update(lr, optimizer_state=ctx.optimizer_state, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
+                          grad_clip=cfg.train.grad_clip, spec=LossSpec.from_config(cfg, with_kl=False), **kw)
+        d = {}
+        for arm, adv in (("batch", batch.advantage), ("zero_advantage", torch.zeros_like(batch.advantage))):
+            m = copy.deepcopy(ctx.model)
+            fn(m, batch, adv.clone())
+            d[arm] = logprob(m) - before
+            del m
+        res["runs"].append({"update": name, "lr": lr,
+                            **{f"mean_abs_{k}": float(v.abs().mean()) for k, v in d.items()},
+                            **{f"moved_{k}": float((v.abs() > 1e-6).double().mean()) for k, v in d.items()},
+                            "sign_agreement": float((torch.sign(d["batch"]) == torch.sign(d["zero_advantage"])).double().mean())})
+        print(f"  {name}: mean |d| batch {res['runs'][-1]['mean_abs_batch']:.2e}, A=0 {res['runs'][-1]['mean_abs_zero_advantage']:.2e}, "
+              f"sign agreement {res['runs'][-1]['sign_agreement']:.3f}", flush=True)
+    return res
+
+
 def figures(out: Path) -> None:
     import matplotlib
 
@@ -165,7 +213,39 @@ def figures(out: Path) -> None:
     fig.savefig(out / "flip_budget.png", dpi=120)
 
 
-PARTS = {"base": part_base, "batch": part_batch, "flip": part_flip}
+def _ci(v: list[float]) -> str:
+    return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+
+def tables(outs: list[Path]) -> str:
+    """Markdown tables of flip.json of one or more study directories (one per seed)."""
+    lines = []
+    for out in outs:
+        flip = json.loads((out / "flip.json").read_text())
+        batch = json.loads((out / "batch.json").read_text())
+        lines += [f"### {out.name}: seed {flip['args']['seed']}, batch reward {batch['reward_mean']:.3f}, "
+                  f"{batch['mixed_groups']} mixed groups of {batch['prompts']}, optimizer state after "
+                  f"{flip['optimizer_state_steps']} steps", "",
+                  "| prompts x 8 | update | A>0 boosted | A>0 suppressed | A<0 boosted | A<0 suppressed | "
+                  "A+: A>0 boosted | A+: A<0 boosted | sign agreement A vs A+ | rows +/-/0 |",
+                  "|---:|---|---|---|---|---|---|---|---|---|"]
+        for r in flip["runs"]:
+            g, p = r["stats"]["grpo"], r["stats"]["positive_only"]
+            lines.append(f"| {r['budget']} | {r['update']} | {_ci(g['pos']['boosted'])} | {_ci(g['pos']['suppressed'])} | "
+                         f"{_ci(g['neg']['boosted'])} | {_ci(g['neg']['suppressed'])} | {_ci(p['pos']['boosted'])} | "
+                         f"{_ci(p['neg']['boosted'])} | {_ci(r['stats']['sign_agreement'])} | "
+                         f"{r['rows_pos']}/{r['rows_neg']}/{r['rows_zero']} |")
+        lines += ["", "Boosted mass by token category (Fig. 4), GRPO vs positive-only:", "",
+                  "| prompts x 8 | update | GRPO math / format / reasoning | A+ math / format / reasoning |", "|---:|---|---|---|"]
+        for r in flip["runs"]:
+            c = r["categories"]
+            f = lambda d: " / ".join(f"{d[k]:.3f}" for k in ("math", "format", "reasoning"))  # noqa: E731
+            lines.append(f"| {r['budget']} | {r['update']} | {f(c['grpo'])} | {f(c['positive_only'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+PARTS = {"base": part_base, "batch": part_batch, "flip": part_flip, "momentum": part_momentum}
 
 
 def main() -> None:
@@ -176,8 +256,12 @@ def main() -> None:
     ap.add_argument("--base-steps", type=int, default=16, help="rollout steps of the base run (16: the ablation's length, train reward ~0.3)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--micro-rows", type=int, default=16, help="rows per forward/backward (memory only)")
-    ap.add_argument("--parts", default="base,batch,flip", help="comma-separated parts to run (others are skipped)")
+    ap.add_argument("--parts", default="base,batch,flip,momentum", help="comma-separated parts to run (others are skipped)")
+    ap.add_argument("--tables", nargs="+", metavar="DIR", help="only print the markdown tables of finished study directories")
     args = ap.parse_args()
+    if args.tables:
+        print(tables([Path(d) for d in args.tables]))
+        return
     torch.set_num_threads(args.threads)
     out = Path(args.out or f"replication-{args.size}-s{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
