@@ -32,7 +32,7 @@ install-vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tokencredit train
 
-# the replication study of docs/results/replication.md (scripts/replicate.py; SIZE=full ~40 min on 2 cores)
+# the replication study of docs/results/replication.md (scripts/replicate.py; SIZE=full ~50 min on 2 cores, small ~10)
 SIZE ?= full
 SEED ?= 0
 replicate: $(STAMP)

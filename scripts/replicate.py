@@ -26,9 +26,9 @@ killed study continues where it stopped (delete a file to redo its part):
          2e-5 (ours), and plain SGD on Eq. 2 at lr 0.1 (App. D.2).
   momentum  the AdamW step on the middle budget with the batch's A and with A = 0: how much
          of a step from a used optimizer state is the earlier batches' momentum.
-  figures  OUT/flip_budget.png (claim 1 / 2) from flip.json.
+Then OUT/flip_budget.png (claims 1 and 2) is drawn from flip.json.
 
-Size knob: --size full = budgets 4, 16, 64 prompts (x 8 rollouts; ~25 min on 2 cores),
+Size knob: --size full = budgets 4, 16, 64 prompts (x 8 rollouts; ~50 min on 2 cores),
 small = 2, 4, 8 (a few minutes; the CI-sized smoke of the pipeline).
 
 Simplifications: one state (one checkpoint), one batch per seed; a budget's update is one
@@ -97,7 +97,8 @@ def part_batch(out: Path, args) -> dict:
     t = time.perf_counter()
     batch, m = sample_batch(ctx, args.seed)
     save_batch(batch, out / "rollouts")
-    return {"prompts": budget, "rows": len(batch), "reward_mean": m["reward_mean"], "sample_s": round(time.perf_counter() - t, 1),
+    return {"prompts": int(batch.group_id.unique().numel()), "rows": len(batch), "reward_mean_sampled": m["reward_mean"],
+            "reward_mean": float(batch.reward.mean()), "sample_s": round(time.perf_counter() - t, 1),
             "mixed_groups": int(sum(len(set(batch.reward[batch.group_id == g].tolist())) > 1 for g in batch.group_id.unique())),
             "checkpoint": str(ctx.checkpoint), "temperature": ctx.temperature}
 
@@ -117,6 +118,8 @@ def part_flip(out: Path, args) -> dict:
     for budget in SIZES[args.size]:
         keep = set(groups[:budget])
         batch = full.select([i for i, g in enumerate(full.group_id.tolist()) if g in keep])
+        if len(keep) < budget:
+            print(f"  budget {budget}: the batch holds only {len(keep)} prompts", flush=True)
         for name, (update, lr) in UPDATES.items():
             kw = {}
             if update == "adamw":
@@ -127,7 +130,7 @@ def part_flip(out: Path, args) -> dict:
                                          chunk_tokens=cfg.model.chunk_tokens, micro_rows=args.micro_rows, **kw)
             stats = flip_fractions_ci(table, batch.group_id.numpy(), seed=args.seed)  # bootstrap over prompts
             cats = category_mass(table, ctx.tokenizer, weight="boosted")
-            res["runs"].append({"budget": budget, "update": name, "lr": lr, "rows": len(batch), "tokens": summ["tokens"],
+            res["runs"].append({"budget": budget, "prompts": len(keep), "update": name, "lr": lr, "rows": len(batch), "tokens": summ["tokens"],
                                 "rows_pos": summ["rows_pos"], "rows_neg": summ["rows_neg"], "rows_zero": summ["rows_zero"],
                                 "stats": stats, "categories": {k: {c: v[c] for c in ("math", "format", "reasoning")}
                                                                for k, v in cats.items() if k != "shift"},
@@ -223,7 +226,10 @@ def tables(outs: list[Path]) -> str:
     for out in outs:
         flip = json.loads((out / "flip.json").read_text())
         batch = json.loads((out / "batch.json").read_text())
-        lines += [f"### {out.name}: seed {flip['args']['seed']}, batch reward {batch['reward_mean']:.3f}, "
+        from tokencredit.batch import load_batch
+
+        rows = load_batch(out / "rollouts")
+        lines += [f"### {out.name}: seed {flip['args']['seed']}, reward of the saved batch {float(rows.reward.mean()):.3f}, "
                   f"{batch['mixed_groups']} mixed groups of {batch['prompts']}, optimizer state after "
                   f"{flip['optimizer_state_steps']} steps", "",
                   "| prompts x 8 | update | A>0 boosted | A>0 suppressed | A<0 boosted | A<0 suppressed | "

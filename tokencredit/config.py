@@ -79,7 +79,7 @@ class RolloutConfig(_Section):
     vllm_kv_cache_gib: Optional[float] = Field(None, gt=0.0, description="vllm: KV-cache size in GiB (vLLM kv_cache_memory_bytes); None = sized by vLLM from vllm_gpu_memory_utilization on GPU, 1 GiB on CPU (where vLLM would otherwise reserve that fraction of the machine's memory).")
     vllm_max_model_len: Optional[int] = Field(None, gt=0, description="vllm: longest prompt + response the engine accepts; None = data.max_prompt_tokens + max_new_tokens.")
     vllm_max_num_seqs: Optional[int] = Field(None, gt=0, description="vllm: sequences decoded at once (vLLM max_num_seqs); None = vLLM's default.")
-    vllm_tensor_parallel_size: int = Field(1, gt=0, description="vllm: GPUs one engine spans (tensor parallel). 1 on CPU.")
+    vllm_tensor_parallel_size: int = Field(1, gt=0, description="vllm: GPUs one engine spans (tensor parallel). 1 on CPU, and 1 under torchrun, where every rank runs its own engine (vLLM's external_launcher) on its own device.")
     vllm_prefix_caching: bool = Field(True, description="vllm: share the KV cache of common prompt prefixes (the n responses of one prompt); the cache is reset after every weight sync.")
     vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="vllm: engine dtype; auto = model.dtype (keep equal for log-prob parity with the trainer).")
     vllm_enforce_eager: bool = Field(True, description="vllm: no CUDA graphs / torch.compile (fast start, slower decode); set false on GPU for long runs.")

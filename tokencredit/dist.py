@@ -10,11 +10,15 @@ the rewards, advantages, dynamic sampling, reward-balanced buffer, planner,
 token-weight quantiles and flip probe decide exactly as one process would
 (at the cost of a redundant no-grad forward on every rank). Each mini-batch's
 groups are then dealt to the ranks (`rank_rows`); every rank backpropagates its
-own rows against the one global normaliser, and the gradients are averaged
-(replicated parameters, `average_gradients`). Rank 0 alone writes files,
-trackers and the progress bar. FSDP2 (`shard_model`) is tested at the
-optimizer-step level but not yet wired into the trainer (checkpointing sharded
-optimizer state is still to do).
+own rows against the one global normaliser, and the gradients are averaged:
+by FSDP2's reduce-scatter (`shard_model(mode="fsdp2")`, every rank running as
+many passes per step, padded with zero-weight ones) or by hand for replicated
+parameters (`average_gradients`, mode "ddp"). Checkpoints gather the full
+weights and optimizer state to rank 0 (`full_state`) and every rank loads them
+back (`load_full_state`). Rank 0 alone writes files, trackers and the progress
+bar. FSDP2 here shards gradients and optimizer state during the update; the
+full weights must still fit one device (they are loaded whole, gathered for
+generation and no-grad forwards, and held by a vLLM engine).
 
 The one rule: one global normaliser per optimizer step. Each rank computes the
 count of its own rows (`update.loss_normaliser`), the counts are all-reduced,
@@ -227,7 +231,11 @@ def full_tensors(model: torch.nn.Module):
     (DTensors) are all-gathered, so under FSDP2 this is a collective and every rank
     must iterate it to the end in the same order; plain tensors pass through. For
     handing the weights to a per-rank vLLM engine (rollout/vllm.py)."""
+    seen: set[int] = set()
     for name, t in model.state_dict().items():
+        if id(t) in seen:  # a tied alias (the LM head of tied embeddings): gathered once, same on every rank
+            continue
+        seen.add(id(t))
         yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
 
 

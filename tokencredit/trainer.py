@@ -11,8 +11,8 @@ Where each concern lives: prompts data/promptset.py; sampling rollout/
 (backend registry, rollout step); math algo/ and batching.py; the optimizer
 step update.py; run-directory files rundir.py; this file only wires them.
 
-Deliberate simplifications: data parallelism (torchrun; train.data_parallel fsdp2 or
-ddp) gives every rank the whole gathered rollout batch (tokencredit/dist.py); the model stays in eval mode (no
+Deliberate simplifications: data parallelism (torchrun; train.data_parallel auto,
+fsdp2 or ddp) gives every rank the whole gathered rollout batch (tokencredit/dist.py); the model stays in eval mode (no
 dropout) so every forward is deterministic; the reference model for KL is a frozen
 copy kept only when `algo.kl_coef > 0`; token-weight quantiles use the entropies
 of the policy at the start of the update (not after earlier mini-batch steps).
@@ -118,6 +118,7 @@ class Trainer:
         self.sampler = make_sampler(self.model, self.tokenizer, cfg)
         if self.dist.world > 1:
             shard_model(self.model, self.dp_mode, mixed_precision=self.fsdp and self.device.type == "cuda")
+            self.sampler.sync_weights(self.model, 0)  # a vLLM engine holds rank 0's weights from the start
             self.sampler = RankSampler(self.sampler, self.dist)  # each rank samples its share; rows gathered
 
         # ---- data: rendered prompts + answers (filtered by length), the held-out set
@@ -160,7 +161,7 @@ class Trainer:
             handler = logging.FileHandler(self.run_dir / "logs" / f"rank_{self.dist.rank}.log")
             handler.setFormatter(logging.Formatter(f"%(asctime)s rank {self.dist.rank} %(levelname)s %(name)s: %(message)s"))
             logging.getLogger("tokencredit").addHandler(handler)
-            log.info("rank %d of %d (%s), run %s", self.dist.rank, self.dist.world, self.dist.backend, self.run_dir)
+            log.info("rank %d of %d (%s, %s), run %s", self.dist.rank, self.dist.world, self.dist.backend, self.dp_mode, self.run_dir)
         if resume:
             self._resume()
         elif self.dist.main:

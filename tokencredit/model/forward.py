@@ -217,19 +217,26 @@ def full_params(model):
     collectives: ranks may then run different numbers of forwards. Resharded on
     exit. Entering is a collective (every rank enters); nested entries and plain
     models are no-ops. Memory: the full model on every rank for the block's length,
-    as a colocated vLLM engine holds it anyway."""
+    as a colocated vLLM engine holds it anyway.
+
+    Assumes `dist.shard_model`'s settings (layers reshard after forward, the root
+    does not, FSDP2's default) and restores exactly those. Do not call
+    `state_dict()` inside the block: FSDP2 reshards every module before saving."""
     if not is_fsdp(model) or getattr(model, "_tc_full_params", False):
         yield
         return
     from torch.distributed.fsdp import FSDPModule
 
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first
-    model.set_reshard_after_forward(False)  # recursive: every layer keeps its gathered parameters
-    for m in mods:
-        m.unshard()
     model._tc_full_params = True
     try:
+        model.set_reshard_after_forward(False)  # recursive: every layer keeps its gathered parameters
+        for m in mods:
+            m.unshard()
         yield
+    except BaseException:
+        model.reset_iter_state()  # a forward that raised leaves the root mid-forward; reshard would skip it
+        raise
     finally:
         model._tc_full_params = False
         for m in mods[1:]:  # the layers reshard after forward again; the root never does (FSDP2's default)

@@ -58,7 +58,8 @@ def flip_fractions_ci(table: dict[str, Any], group_of_row: np.ndarray, eps: floa
     Returns {variant: {"pos" | "neg" | "all": {"boosted" | "suppressed" | "stable":
     [value, lo, hi], "tokens": n}}} for every delta_<variant> column, and with two
     variants "sign_agreement" / "sign_agreement_pos": [value, lo, hi], the share of
-    (all / A>0) tokens whose two deltas have the same sign."""
+    (all / A>0) tokens whose two deltas have the same sign (a token that neither
+    update moves at all, delta exactly 0 in both, counts as agreeing)."""
     row = np.asarray(table["row"], dtype=np.int64)
     g = np.asarray(group_of_row)[row]  # [N]
     adv = np.asarray(table["advantage"], dtype=np.float64)

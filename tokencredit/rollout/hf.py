@@ -123,7 +123,11 @@ def generate_hf(
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
 
     # FSDP2 (torchrun): the parameters are gathered once for the whole call (full_params), so decoding
-    # steps run no collectives and each rank stops when its own rows are done
+    # steps run no collectives and each rank stops when its own rows are done: no lockstep, and no
+    # torch.compile of the sharded root's __call__ (HF compiles static-cache generation on CUDA)
+    gen_kwargs["synced_gpus"] = False
+    if is_fsdp(model):
+        gen_kwargs["disable_compile"] = True
     chunks = []
     was_training = model.training
     model.eval()
