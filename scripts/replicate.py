@@ -88,6 +88,14 @@ def _context(out: Path, args, budget: int):
     return load_model_into(ctx)
 
 
+def _first_groups(full, k: int):
+    """(rows of the first k groups of `full` in sampling order, how many groups that is):
+    budgets are nested, the same rows and more of them."""
+    gids = full.group_id.tolist()
+    keep = set(list(dict.fromkeys(gids))[:k])
+    return full.select([i for i, g in enumerate(gids) if g in keep]), len(keep)
+
+
 def part_batch(out: Path, args) -> dict:
     from tokencredit.batch import save_batch
     from tokencredit.probes.context import sample_batch
@@ -113,13 +121,11 @@ def part_flip(out: Path, args) -> dict:
     full = load_batch(out / "rollouts")
     ctx = _context(out, args, max(SIZES[args.size]))
     cfg, state = ctx.cfg, ctx.optimizer_state
-    groups = list(dict.fromkeys(full.group_id.tolist()))
     res: dict = {"optimizer_state_steps": int(ctx.state.get("optim_steps", -1)), "runs": []}
     for budget in SIZES[args.size]:
-        keep = set(groups[:budget])
-        batch = full.select([i for i, g in enumerate(full.group_id.tolist()) if g in keep])
-        if len(keep) < budget:
-            print(f"  budget {budget}: the batch holds only {len(keep)} prompts", flush=True)
+        batch, n_prompts = _first_groups(full, budget)
+        if n_prompts < budget:
+            print(f"  budget {budget}: the batch holds only {n_prompts} prompts", flush=True)
         for name, (update, lr) in UPDATES.items():
             kw = {}
             if update == "adamw":
@@ -130,7 +136,7 @@ def part_flip(out: Path, args) -> dict:
                                          chunk_tokens=cfg.model.chunk_tokens, micro_rows=args.micro_rows, **kw)
             stats = flip_fractions_ci(table, batch.group_id.numpy(), seed=args.seed)  # bootstrap over prompts
             cats = category_mass(table, ctx.tokenizer, weight="boosted")
-            res["runs"].append({"budget": budget, "prompts": len(keep), "update": name, "lr": lr, "rows": len(batch), "tokens": summ["tokens"],
+            res["runs"].append({"budget": budget, "prompts": n_prompts, "update": name, "lr": lr, "rows": len(batch), "tokens": summ["tokens"],
                                 "rows_pos": summ["rows_pos"], "rows_neg": summ["rows_neg"], "rows_zero": summ["rows_zero"],
                                 "stats": stats, "categories": {k: {c: v[c] for c in ("math", "format", "reasoning")}
                                                                for k, v in cats.items() if k != "shift"},
@@ -158,8 +164,7 @@ def part_momentum(out: Path, args) -> dict:
     ctx = _context(out, args, max(SIZES[args.size]))
     cfg = ctx.cfg
     budget = SIZES[args.size][1]
-    keep = set(list(dict.fromkeys(full.group_id.tolist()))[:budget])
-    batch = full.select([i for i, g in enumerate(full.group_id.tolist()) if g in keep])
+    batch, _ = _first_groups(full, budget)
     kw = dict(temperature=ctx.temperature, chunk_tokens=cfg.model.chunk_tokens, micro_rows=args.micro_rows)
     mask = batch.response_mask > 0
 

@@ -85,8 +85,14 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, st
 def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
     """Load weights into `model` (in place) and return the state dict."""
     st = read_checkpoint(path)
-    load_model(model, str(Path(path) / "model.safetensors"))
+    load_model_weights(path, model)
     return st
+
+
+def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Load a checkpoint's weights into `model` in place (tied aliases filled in), without
+    reading its state: for a caller that already holds `read_checkpoint`'s result."""
+    load_model(model, str(Path(path) / "model.safetensors"))
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -156,8 +156,8 @@ def rank_normaliser(local_count: float, info: DistInfo) -> float:
     return all_reduce_sum(local_count, info) / info.world
 
 
-def rank_rows(group_id: torch.Tensor, rank: int, world: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """[R] row indices of the whole groups rank `rank` holds.
+def rank_shares(group_id: torch.Tensor, world: int, tokens: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Every rank's [R_r] row indices of the whole groups it holds (list index = rank).
 
     group_id: [B]; tokens: [B] response lengths or None. Without tokens the
     distinct groups (in order of first appearance) are dealt round-robin; with
@@ -167,7 +167,7 @@ def rank_rows(group_id: torch.Tensor, rank: int, world: int, tokens: torch.Tenso
     (fewer groups than ranks): it then runs zero-weight passes only."""
     order = list(dict.fromkeys(group_id.tolist()))  # groups in order of appearance
     if tokens is None:
-        mine = order[rank::world]
+        owner = {g: i % world for i, g in enumerate(order)}
     else:
         size = {g: 0 for g in order}
         for g, n in zip(group_id.tolist(), tokens.tolist()):
@@ -176,8 +176,13 @@ def rank_rows(group_id: torch.Tensor, rank: int, world: int, tokens: torch.Tenso
         for g in sorted(order, key=lambda g: -size[g]):  # stable: equal sizes keep their order
             r = min(range(world), key=lambda r: (load[r], r))
             owner[g], load[r] = r, load[r] + size[g]
-        mine = [g for g in order if owner[g] == rank]
-    return torch.isin(group_id, torch.tensor(mine, dtype=group_id.dtype)).nonzero().squeeze(1)
+    mine = [[g for g in order if owner[g] == r] for r in range(world)]
+    return [torch.isin(group_id, torch.tensor(m, dtype=group_id.dtype)).nonzero().squeeze(1) for m in mine]
+
+
+def rank_rows(group_id: torch.Tensor, rank: int, world: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """[R] row indices of the whole groups rank `rank` holds: `rank_shares(...)[rank]`."""
+    return rank_shares(group_id, world, tokens)[rank]
 
 
 def shard_model(model: torch.nn.Module, mode: str = "fsdp2", mixed_precision: bool = False) -> torch.nn.Module:
@@ -231,12 +236,10 @@ def full_tensors(model: torch.nn.Module):
     (DTensors) are all-gathered, so under FSDP2 this is a collective and every rank
     must iterate it to the end in the same order; plain tensors pass through. For
     handing the weights to a per-rank vLLM engine (rollout/vllm.py)."""
-    seen: set[int] = set()
+    unique = _unique_names(model)  # a tied alias (the LM head of tied embeddings) is gathered once
     for name, t in model.state_dict().items():
-        if id(t) in seen:  # a tied alias (the LM head of tied embeddings): gathered once, same on every rank
-            continue
-        seen.add(id(t))
-        yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+        if name in unique:
+            yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):

@@ -40,11 +40,11 @@ from tokencredit.algo.importance import sampler_gap, tis_weights
 from tokencredit.algo.token_weights import SAMPLE_POLARITY_METHODS, compute_token_weights, method_params
 from tokencredit.batch import RolloutBatch
 from tokencredit.batching import PLANNERS, RewardBalancedBuffer, advantage_sign, minibatch_metrics
-from tokencredit.checkpoint import latest_checkpoint, load_checkpoint, load_weights, read_checkpoint, save_checkpoint
+from tokencredit.checkpoint import latest_checkpoint, load_model_weights, load_weights, read_checkpoint, save_checkpoint
 from tokencredit.config import Config, ConfigError, dump_config
 from tokencredit.data.promptset import build_prompt_set
 from tokencredit.dist import (RankSampler, average_gradients, broadcast_object, full_state, gather_object, init_distributed,
-                              load_full_state, rank_rows, shard_model, unsharded_copy)
+                              load_full_state, rank_shares, shard_model, unsharded_copy)
 from tokencredit.model.forward import forward_rows
 from tokencredit.model.load import resolve_device
 from tokencredit.probes.flip import flip_records, flip_stats
@@ -304,7 +304,7 @@ class Trainer:
         if W <= 1:
             return micros, {}
         mini = micros[0] if len(micros) == 1 else RolloutBatch.concat(micros)  # keeps micro-scope token weights
-        shares = [rank_rows(mini.group_id, r, W, tokens=mini.response_lengths) for r in range(W)]  # every rank's, token-balanced
+        shares = rank_shares(mini.group_id, W, tokens=mini.response_lengths)  # every rank's, token-balanced
         mb = self.cfg.train.micro_batch_size
         mine = micro_batches(mini.select(shares[self.dist.rank]), mb) if len(shares[self.dist.rank]) else []
         kw = {"normaliser": loss_normaliser(micros, self.loss_spec) / W}  # the global count / W (DP averages gradients)
@@ -549,7 +549,7 @@ class Trainer:
         if self.fsdp:  # every rank reads the full tensors and keeps its shard
             load_full_state(self.model, load_weights(ck), self.optimizer, st["optimizer"])
         else:
-            load_checkpoint(ck, self.model)
+            load_model_weights(ck, self.model)  # the state was read above
             self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         _set_rng_state(st["rng_ranks"][self.dist.rank] if "rng_ranks" in st else st["rng"])
