@@ -53,10 +53,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SIZES = {"small": (2, 4, 8), "full": (4, 16, 64)}
-UPDATES = {  # name -> (update, lr)
-    "adamw_lr1e-6": ("adamw", 1e-6),
-    "adamw_lr2e-5": ("adamw", 2e-5),
-    "sgd_lr0.1": ("sgd", 0.1),
+UPDATES = {  # name -> (update, lr, optimizer state: "saved" = the checkpoint's, "fresh" = a new AdamW)
+    "adamw_lr1e-6": ("adamw", 1e-6, "saved"),
+    "adamw_lr2e-5": ("adamw", 2e-5, "saved"),
+    "sgd_lr0.1": ("sgd", 0.1, None),
+}
+# part `fresh`: arms without earlier batches' momentum. A fresh AdamW's first step is
+# lr * g / (|g| + eps), close to sign descent (App. D.3); SGD at lr 1e-3 is the batch's own
+# gradient at a step small enough to be near first order (SGD 0.1 is not, see replication.md).
+FRESH = {
+    "adamw_fresh_lr1e-6": ("adamw", 1e-6, "fresh"),
+    "sgd_lr1e-3": ("sgd", 1e-3, None),
 }
 TASK = ["data.difficulty=2", "rollout.n=8", "eval.num_problems=0", "probes.flip.every=0"]
 
@@ -112,6 +119,14 @@ def part_batch(out: Path, args) -> dict:
 
 
 def part_flip(out: Path, args) -> dict:
+    return _flip_runs(out, args, UPDATES)
+
+
+def part_fresh(out: Path, args) -> dict:
+    return _flip_runs(out, args, FRESH)
+
+
+def _flip_runs(out: Path, args, updates: dict) -> dict:
     from tokencredit.batch import load_batch
     from tokencredit.probes.bootstrap import flip_fractions_ci
     from tokencredit.probes.categories import category_mass
@@ -126,17 +141,17 @@ def part_flip(out: Path, args) -> dict:
         batch, n_prompts = _first_groups(full, budget)
         if n_prompts < budget:
             print(f"  budget {budget}: the batch holds only {n_prompts} prompts", flush=True)
-        for name, (update, lr) in UPDATES.items():
+        for name, (update, lr, opt_state) in updates.items():
             kw = {}
             if update == "adamw":
-                kw = dict(optimizer_state=state, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
+                kw = dict(optimizer_state=state if opt_state == "saved" else None, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
                           grad_clip=cfg.train.grad_clip, spec=LossSpec.from_config(cfg, with_kl=False))
             t = time.perf_counter()
             table, summ = polarity_probe(ctx.model, batch, update=update, lr=lr, temperature=ctx.temperature,
                                          chunk_tokens=cfg.model.chunk_tokens, micro_rows=args.micro_rows, **kw)
             stats = flip_fractions_ci(table, batch.group_id.numpy(), seed=args.seed)  # bootstrap over prompts
             cats = category_mass(table, ctx.tokenizer, weight="boosted")
-            res["runs"].append({"budget": budget, "prompts": n_prompts, "update": name, "lr": lr, "rows": len(batch), "tokens": summ["tokens"],
+            res["runs"].append({"budget": budget, "prompts": n_prompts, "update": name, "lr": lr, "optimizer_state": opt_state, "rows": len(batch), "tokens": summ["tokens"],
                                 "rows_pos": summ["rows_pos"], "rows_neg": summ["rows_neg"], "rows_zero": summ["rows_zero"],
                                 "stats": stats, "categories": {k: {c: v[c] for c in ("math", "format", "reasoning")}
                                                                for k, v in cats.items() if k != "shift"},
@@ -173,8 +188,8 @@ def part_momentum(out: Path, args) -> dict:
 
     before = logprob(ctx.model)
     res: dict = {"budget": budget, "rows": len(batch), "tokens": int(mask.sum()), "runs": []}
-    for name, (update, lr) in UPDATES.items():
-        if update != "adamw":
+    for name, (update, lr, opt_state) in UPDATES.items():
+        if update != "adamw" or opt_state != "saved":
             continue
         fn = adamw_update(lr, optimizer_state=ctx.optimizer_state, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
                           grad_clip=cfg.train.grad_clip, spec=LossSpec.from_config(cfg, with_kl=False), **kw)
@@ -193,16 +208,130 @@ def part_momentum(out: Path, args) -> dict:
     return res
 
 
+# masking (claim 3): which batches, and which runs on each; name -> (budget index, pair, LM-head candidates, full candidates)
+MASKING = {
+    "small": {"b0": (0, False, 32, 2), "b0_pair": (0, True, 32, 2), "b2_head": (2, False, 64, 0)},
+    "full": {"b0": (0, False, 128, 8), "b0_pair": (0, True, 128, 8), "b2_head": (2, False, 256, 0)},
+}
+
+
+def part_masking(out: Path, args) -> dict:
+    """Claim 3 (Table 1 under every reading): the masking probe at the saved state on the
+    study's batches (smallest budget with and without the pair condition, LM-head and full;
+    the largest budget LM-head only), Boost Rates with a bootstrap over prompts, and the
+    LM-head vs full sign agreement (App. D.1)."""
+    from tokencredit.batch import load_batch
+    from tokencredit.probes.bootstrap import boost_rates_ci
+    from tokencredit.probes.masking import masking_probe
+
+    full = load_batch(out / "rollouts")
+    ctx = _context(out, args, max(SIZES[args.size]))
+    res: dict = {"runs": []}
+    for name, (bi, pair, n_head, n_full) in MASKING[args.size].items():
+        budget = SIZES[args.size][bi]
+        batch, n_prompts = _first_groups(full, budget)
+        t = time.perf_counter()
+        modes = ("lm_head", "full") if n_full else ("lm_head",)
+        tables, summ = masking_probe(ctx.model, batch, n_candidates=n_head, n_full=n_full, pair=pair, lr=0.1, seed=args.seed,
+                                     modes=modes, temperature=ctx.temperature, chunk_tokens=ctx.cfg.model.chunk_tokens,
+                                     micro_rows=args.micro_rows, progress=False)
+        ci = boost_rates_ci(tables["candidates"], batch.group_id.numpy(), seed=args.seed)
+        res["runs"].append({"name": name, "budget": budget, "prompts": n_prompts, "rows": len(batch), "pair": pair,
+                            "seconds": round(time.perf_counter() - t, 1), "ci": ci,
+                            "summary": {k: v for k, v in summ.items() if k != "table"}, "table": summ["table"]})
+        print(f"  {name}: budget {budget}, pair {pair}, {summ['candidates']} candidates ({summ['full_candidates']} full), "
+              f"sign agreement {summ['sign_agreement']:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
+    return res
+
+
+def part_value(out: Path, args) -> dict:
+    """Claim 4 (Fig. 5a/5b): token values of one training update at the saved state.
+
+    The base run is continued for one rollout step (`tokencredit train --resume` on a
+    copy whose checkpoints are hard links) of 16 prompts x 8 with the flip probe's
+    per-token records on and dynamic sampling (so the step's groups are mixed), 4
+    optimizer steps (mini-batches of 4 prompts, the paper's 128 / 32); the value probe then values
+    equal numbers of boosted / suppressed tokens of A>0 and A<0 rows of that update with
+    M continuations per branch, under the policy that sampled it (the base run's last
+    checkpoint), with all three estimators (direct, Eq. 20, A_M) on the same tokens."""
+    import os
+    import shutil
+
+    from tokencredit.checkpoint import list_checkpoints
+    from tokencredit.probes.value import run_value_probe
+
+    base, run = out / "base", out / "value_run"
+    last = max(int(p.name.split("_")[1]) for p in list_checkpoints(base / "checkpoints"))
+    step = last + 1
+    if not (run / "probes" / f"flip_step_{step}.parquet").exists():
+        shutil.rmtree(run, ignore_errors=True)
+        # checkpoint files are written once and never changed in place: hard links cost no disk
+        shutil.copytree(base, run, copy_function=lambda a, b: os.link(a, b) if "/checkpoints/" in a else shutil.copy2(a, b))
+        cmd = [sys.executable, "-m", "tokencredit", "train", "--resume", str(run), f"train.steps={step}",
+               "probes.flip.every=1", "probes.flip.save_tokens=true", "rollout.dynamic_sampling=true",
+               # 16 prompts (a prompt bootstrap needs more than 4), 4 optimizer steps per rollout step as in the
+               # paper's 128 / 32
+               "rollout.prompts_per_step=16", "train.mini_batch_size=4",
+               "output.progress=false", "output.save_every=0", "output.save_final=false", f"model.threads={args.threads}"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"value step failed:\n{r.stderr[-3000:]}")
+    t = time.perf_counter()
+    res = run_value_probe(run, step, n_tokens=args.value_tokens, M=args.value_M, seed=args.seed, threads=args.threads,
+                          progress=True)
+    res["path"] = str(res["path"])
+    return {"step": step, "value_seconds": round(time.perf_counter() - t, 1), **res,
+            "prompt_bootstrap": value_tables(run, step, res)}
+
+
+def value_tables(run: Path, step: int, res: dict, seed: int = 0) -> dict:
+    """The value gap of every estimator (on the tokens where all three are defined),
+    by row sign and per top-k% entropy subset, each with a 95% interval from a
+    bootstrap over prompts (probes/bootstrap.py gap_ci; the probe's own intervals
+    resample tokens), and each estimator's median per-token standard error."""
+    from tokencredit.probes.bootstrap import gap_ci
+    from tokencredit.probes.value import ESTIMATORS
+    from tokencredit.rundir import read_jsonl, read_parquet
+
+    cols = read_parquet(run / "probes" / f"flip_step_{step}.parquet")
+    prompt_of = {int(r): int(i) for r, i in zip(cols["row"], cols["prompt_index"])}
+    recs = read_jsonl(Path(res["path"]))
+
+    def f(x):
+        return float("nan") if x is None else float(x)
+
+    recs = [r for r in recs if all(np.isfinite(f(r.get(f"value_{e}"))) for e in ESTIMATORS)]
+    g = np.array([prompt_of[int(r["row"])] for r in recs])
+    b = np.array([r["kind"] == "boosted" for r in recs])
+    sign = np.array([r["sign"] for r in recs])
+    ent = np.array([f(r.get("entropy")) for r in recs])
+    out: dict = {"tokens": len(recs), "prompts": int(len(set(g.tolist()))), "estimators": {}}
+    for e in ESTIMATORS:
+        v = np.array([f(r[f"value_{e}"]) for r in recs])
+        se = np.array([f(r[f"se_{e}"]) for r in recs])
+        d = {"gap": list(gap_ci(v, b, g, seed=seed)), "median_se": float(np.nanmedian(se)),
+             "mean_boosted": float(v[b].mean()), "mean_suppressed": float(v[~b].mean()),
+             "by_sign": {s_: list(gap_ci(v[sign == s_], b[sign == s_], g[sign == s_], seed=seed)) for s_ in ("pos", "neg")},
+             "entropy_topk": []}
+        for k, cut in (res.get("entropy_cutoffs") or {}).items():
+            sel = ent >= cut
+            d["entropy_topk"].append({"k": float(k), "n": int(sel.sum()), "gap": list(gap_ci(v[sel], b[sel], g[sel], seed=seed))})
+        out["estimators"][e] = d
+    return out
+
+
 def figures(out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    flip = json.loads((out / "flip.json").read_text())
-    fig, axes = plt.subplots(1, len(UPDATES), figsize=(4.2 * len(UPDATES), 3.6), sharey=True)
-    for ax, name in zip(np.atleast_1d(axes), UPDATES):
-        runs = [r for r in flip["runs"] if r["update"] == name]
+    runs_all = [r for part in ("flip", "fresh") if (out / f"{part}.json").exists()
+                for r in json.loads((out / f"{part}.json").read_text())["runs"]]
+    names = list(dict.fromkeys(r["update"] for r in runs_all))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), sharey=True)
+    for ax, name in zip(np.atleast_1d(axes), names):
+        runs = [r for r in runs_all if r["update"] == name]
         x = [r["budget"] for r in runs]
         for var, sub, kind, style in (("grpo", "pos", "boosted", "C0-o"), ("grpo", "neg", "boosted", "C3-o"),
                                       ("positive_only", "pos", "boosted", "C0--s"), ("positive_only", "neg", "boosted", "C3--s")):
@@ -211,7 +340,7 @@ def figures(out: Path) -> None:
                         label=f"{'A' if var == 'grpo' else 'A+'} update, {'A>0' if sub == 'pos' else 'A<0'} rows")
         ax.set_xscale("log", base=2)
         ax.set_xticks(x, [str(b) for b in x])
-        ax.set_title(name)
+        ax.set_title(name + (" (saved state)" if runs[0].get("optimizer_state", "saved" if "adamw" in name else None) == "saved" else ""))
         ax.set_xlabel("prompts in the update (x 8 rollouts)")
         ax.axhline(0.5, color="grey", lw=0.5)
     np.atleast_1d(axes)[0].set_ylabel("fraction of tokens boosted")
@@ -219,6 +348,72 @@ def figures(out: Path) -> None:
     fig.suptitle("Token flips after one update vs the update's batch (95% CI, bootstrap over prompts)")
     fig.tight_layout()
     fig.savefig(out / "flip_budget.png", dpi=120)
+
+
+def figures_masking(out: Path) -> None:
+    """Claim 3: Boost Rate per mask set, one panel per reading, LM-head and full, with the
+    prompt-bootstrap intervals, for the smallest budget without the pair condition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = json.loads((out / "masking.json").read_text())["runs"]
+    readings = ("all", "pos", "neg", "aligned")
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), sharey=True)
+    sets = ("random", "same_token", "low_conf", "same_token&low_conf")
+    arms = [(r["name"], m) for r in runs for m in ("lm_head", "full") if any(c["mode"] == m for c in r["ci"])]
+    w = 0.8 / max(len(arms), 1)
+    for ax, reading in zip(axes, readings):
+        for j, (name, mode) in enumerate(arms):
+            ci = {c["set"]: c for c in next(r for r in runs if r["name"] == name)["ci"] if c["reading"] == reading and c["mode"] == mode}
+            x = np.arange(len(sets)) + (j - (len(arms) - 1) / 2) * w
+            v = np.array([ci[k]["boost_rate"] if k in ci else [np.nan] * 3 for k in sets])  # [4, 3]
+            ax.bar(x, v[:, 0], w, yerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], capsize=2, label=f"{name}, {mode}")
+        ax.axhline(0.5, color="grey", lw=0.5)
+        ax.set_xticks(np.arange(len(sets)), ["random", "same", "low conf", "same & low"], fontsize=8)
+        ax.set_title({"all": "(a) all signs", "pos": "(b+) A>0 copies only", "neg": "(b-) A<0 copies only",
+                      "aligned": "(c) sign-aligned"}[reading])
+    axes[0].set_ylabel("Boost Rate")
+    axes[0].legend(fontsize=6)
+    fig.suptitle("Masking effect (Table 1) under every reading; SGD lr 0.1 from the saved state (95% CI, bootstrap over prompts)")
+    fig.tight_layout()
+    fig.savefig(out / "masking.png", dpi=120)
+
+
+def figures_value(out: Path) -> None:
+    """Claim 4: Fig. 5a (gap per estimator, all rows and by row sign) and Fig. 5b (gap on
+    the batch's top-k% entropy tokens), 95% intervals from a bootstrap over prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    v = json.loads((out / "value.json").read_text())
+    est = v["prompt_bootstrap"]["estimators"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = [e for e in ("direct", "am", "eq20") if e in est]
+    for j, (key, label) in enumerate((("all", "all rows"), ("pos", "A>0 rows"), ("neg", "A<0 rows"))):
+        g = np.array([est[e]["gap"] if key == "all" else est[e]["by_sign"][key] for e in names])  # [E, 3]
+        x = np.arange(len(names)) + (j - 1) * 0.27
+        a.bar(x, g[:, 0], 0.27, yerr=[g[:, 0] - g[:, 1], g[:, 2] - g[:, 0]], capsize=2, label=label)
+    a.set_xticks(np.arange(len(names)), [f"{e}" for e in names])
+    a.axhline(0, color="grey", lw=0.5)
+    a.set_ylabel("value gap (boosted - suppressed)")
+    a.set_title(f"Fig. 5a: M = {v['M']}, {v['prompt_bootstrap']['tokens']} tokens")
+    a.legend(fontsize=7)
+    for e in names:
+        t = est[e]["entropy_topk"]
+        if t:
+            k = [r["k"] for r in t]
+            g = np.array([r["gap"] for r in t])
+            b.errorbar(k, g[:, 0], yerr=[g[:, 0] - g[:, 1], g[:, 2] - g[:, 0]], fmt="-o", capsize=2, label=e)
+    b.axhline(0, color="grey", lw=0.5)
+    b.set_xlabel("top-k% highest-entropy tokens of the batch")
+    b.set_title("Fig. 5b: gap on the top-k% entropy tokens")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "value_gap.png", dpi=120)
 
 
 def _ci(v: list[float]) -> str:
@@ -230,6 +425,8 @@ def tables(outs: list[Path]) -> str:
     lines = []
     for out in outs:
         flip = json.loads((out / "flip.json").read_text())
+        if (out / "fresh.json").exists():
+            flip["runs"] = flip["runs"] + json.loads((out / "fresh.json").read_text())["runs"]
         batch = json.loads((out / "batch.json").read_text())
         from tokencredit.batch import load_batch
 
@@ -253,10 +450,55 @@ def tables(outs: list[Path]) -> str:
             f = lambda d: " / ".join(f"{d[k]:.3f}" for k in ("math", "format", "reasoning"))  # noqa: E731
             lines.append(f"| {r['budget']} | {r['update']} | {f(c['grpo'])} | {f(c['positive_only'])} |")
         lines.append("")
+        if (out / "masking.json").exists():
+            lines += masking_table(json.loads((out / "masking.json").read_text()))
+        if (out / "value.json").exists():
+            lines += value_table(json.loads((out / "value.json").read_text()))
     return "\n".join(lines)
 
 
-PARTS = {"base": part_base, "batch": part_batch, "flip": part_flip, "momentum": part_momentum}
+def masking_table(m: dict) -> list[str]:
+    lines = []
+    for r in m["runs"]:
+        s = r["summary"]
+        lines += [f"Masking, {r['name']}: {r['prompts']} prompts x 8 ({r['rows']} rows, {s['tokens']} tokens, {s['tokens_in_loss']} in the "
+                  f"loss), pair condition {'on' if r['pair'] else 'off'}, low confidence: {s['low_conf_rule']}; {s['candidates']} "
+                  f"candidates, {s['full_candidates']} also full-parameter; sign agreement full vs LM-head "
+                  f"{s['sign_agreement']:.3f}; {r['seconds']:.0f} s", "",
+                  "| reading | set | LM-head n | LM-head Boost Rate | LM-head Mean Boost | Full n | Full Boost Rate | Full Mean Boost |",
+                  "|---|---|---:|---|---:|---:|---|---:|"]
+        ci = {(c["reading"], c["set"], c["mode"]): c for c in r["ci"]}
+        for row in r["table"]:
+            cells = []
+            for mode in ("lm_head", "full"):
+                c = ci.get((row["reading"], row["set"], mode))
+                cells += [str(c["n"]), _ci(c["boost_rate"]), f"{c['mean_boost']:+.2e}"] if c else ["0", "-", "-"]
+            lines.append(f"| {row['reading']} | {row['set']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def value_table(v: dict) -> list[str]:
+    pb = v["prompt_bootstrap"]
+    lines = [f"Value probe: rollout step {v['step']} of the continued base run, M = {v['M']} continuations per branch, "
+             f"{pb['tokens']} tokens from {pb['prompts']} prompts where all three estimators are defined, "
+             f"{v['value_seconds']:.0f} s; intervals: bootstrap over prompts", "",
+             "| estimator | gap (boosted - suppressed) | A>0 rows | A<0 rows | mean boosted | mean suppressed | median per-token se |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for e, d in pb["estimators"].items():
+        lines.append(f"| {e} | {_ci(d['gap'])} | {_ci(d['by_sign']['pos'])} | {_ci(d['by_sign']['neg'])} | "
+                     f"{d['mean_boosted']:.3f} | {d['mean_suppressed']:.3f} | {d['median_se']:.3f} |")
+    lines += ["", "| top-k% entropy | " + " | ".join(pb["estimators"]) + " |", "|---:|" + "---|" * len(pb["estimators"])]
+    ks = [t["k"] for t in next(iter(pb["estimators"].values()))["entropy_topk"]]
+    for i, k in enumerate(ks):
+        cells = [f"{_ci(d['entropy_topk'][i]['gap'])} (n={d['entropy_topk'][i]['n']})" for d in pb["estimators"].values()]
+        lines.append(f"| {k:.0f} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+PARTS = {"base": part_base, "batch": part_batch, "flip": part_flip, "fresh": part_fresh, "momentum": part_momentum,
+         "masking": part_masking, "value": part_value}
 
 
 def main() -> None:
@@ -267,13 +509,17 @@ def main() -> None:
     ap.add_argument("--base-steps", type=int, default=16, help="rollout steps of the base run (16: the ablation's length, train reward ~0.3)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--micro-rows", type=int, default=16, help="rows per forward/backward (memory only)")
-    ap.add_argument("--parts", default="base,batch,flip,momentum", help="comma-separated parts to run (others are skipped)")
+    ap.add_argument("--parts", default="base,batch,flip,fresh,momentum,masking,value", help="comma-separated parts to run (others are skipped)")
+    ap.add_argument("--value-M", type=int, default=None, help="continuations per branch of the value part (default: full 32, small 4)")
+    ap.add_argument("--value-tokens", type=int, default=None, help="tokens valued (default: full 64, small 8)")
     ap.add_argument("--tables", nargs="+", metavar="DIR", help="only print the markdown tables of finished study directories")
     args = ap.parse_args()
     if args.tables:
         print(tables([Path(d) for d in args.tables]))
         return
     torch.set_num_threads(args.threads)
+    args.value_M = args.value_M or (32 if args.size == "full" else 4)
+    args.value_tokens = args.value_tokens or (64 if args.size == "full" else 8)
     out = Path(args.out or f"replication-{args.size}-s{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
     print(f"replication: {platform.machine()}, size {args.size}, seed {args.seed}, out {out}, {time.strftime('%Y-%m-%d %H:%M')}")
@@ -292,6 +538,10 @@ def main() -> None:
         print(f"{name}: {res['seconds']:.0f} s", flush=True)
     if (out / "flip.json").exists():
         figures(out)
+    if (out / "masking.json").exists():
+        figures_masking(out)
+    if (out / "value.json").exists():
+        figures_value(out)
 
 
 if __name__ == "__main__":

@@ -284,6 +284,20 @@ def test_masking_probe_tables_and_summary(tiny):
     assert 0.0 <= summary["sign_agreement"] <= 1.0
     after = _params(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # the prompt-bootstrap table (probes/bootstrap.py) reproduces every Boost Rate / Mean Boost / n of the summary
+    from tokencredit.probes.bootstrap import boost_rates_ci
+
+    ci = {(r["reading"], r["set"], r["mode"]): r for r in boost_rates_ci(c, batch.group_id.numpy(), reps=200)}
+    for r in summary["table"]:
+        for mode in ("lm_head", "full"):
+            got = ci.get((r["reading"], r["set"], mode))
+            if not r[f"n_{mode}"]:
+                assert got is None
+                continue
+            assert got["n"] == r[f"n_{mode}"]
+            assert got["boost_rate"][0] == pytest.approx(r[f"boost_rate_{mode}"])
+            assert got["mean_boost"] == pytest.approx(r[f"mean_boost_{mode}"])
+            assert got["boost_rate"][1] <= got["boost_rate"][0] <= got["boost_rate"][2]
 
 
 def test_boost_stats_and_sign_agreement_by_hand():
