@@ -44,6 +44,26 @@ def test_train_runs_and_prints_summary(digits_file, tmp_path, capsys):
     assert rc == 0 and f"run directory: {tmp_path / 'cli'}" in out.splitlines()
 
 
+def test_probe_polarity_fresh_optimizer_ignores_the_checkpoints_state(digits_file, tmp_path, capsys):
+    """--fresh-optimizer: the AdamW step starts from a new state, not the checkpoint's; the
+    deltas differ from the saved-state step's and the summary names the state used."""
+    import pyarrow.parquet as pq
+
+    assert main(["train", *tiny_overrides(digits_file, tmp_path, **{"train.steps": 1, "output.run_name": "r"})]) == 0
+    run = tmp_path / "r"
+    deltas, texts = {}, {}
+    for arm, extra in (("saved", []), ("fresh", ["--fresh-optimizer"])):
+        out = tmp_path / arm
+        capsys.readouterr()
+        assert main(["probe", "polarity", "--run", str(run), "--update", "adamw", "--lr", "1e-3", "--seed", "1",
+                     "--threads", "1", "--out", str(out), *extra]) == 0
+        texts[arm] = (out / "polarity_summary.txt").read_text()
+        deltas[arm] = pq.read_table(out / "polarity_tokens.parquet").column("delta_grpo").to_pylist()
+    assert "optimizer state from the checkpoint" in texts["saved"] and "momentum" in texts["saved"]
+    assert "fresh optimizer state" in texts["fresh"] and "momentum" not in texts["fresh"]
+    assert len(deltas["saved"]) == len(deltas["fresh"]) and deltas["saved"] != deltas["fresh"]
+
+
 def _files(root):
     return {p for p in root.rglob("*") if p.is_file()}
 

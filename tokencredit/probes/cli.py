@@ -138,7 +138,7 @@ def cmd_polarity(args) -> int:
         update: Any = "sgd"
         lr_desc = f"SGD lr {lr:g} (no momentum) on Eq. 2"
     else:
-        st = ctx.optimizer_state
+        st = None if args.fresh_optimizer else ctx.optimizer_state
         lr = args.lr if args.lr is not None else (None if st is not None else cfg.train.lr)
         update = adamw_update(lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
                               spec=LossSpec.from_config(cfg, with_kl=False), optimizer_state=st, **kw)
@@ -169,6 +169,9 @@ def cmd_polarity(args) -> int:
 
     lines = _header(ctx, "Polarity comparison (cancellation paper Alg. 2, Fig. 1(d))")
     lines.append(f"update: {lr_desc}; stable = |Δ log p| <= {eps:g}; {dt:.0f} s")
+    if args.update == "adamw" and st is not None:
+        lines.append("note: a step from a used AdamW state carries earlier batches' momentum (on SmolLM2 ~70% of the "
+                     "displacement, docs/results/replication.md); --fresh-optimizer or --update sgd --lr 1e-3 isolates this batch")
     lines.append("")
     lines.append(f"{'':<15}|{'A > 0 rows':^29}|{'A < 0 rows':^29}|{'all rows':^29}")
     lines.append(f"{'update':<15}|" + "|".join(f"{'boost':>7}{'suppr':>7}{'stable':>7}{'|Δ|':>8}" for _ in range(3)))
@@ -352,6 +355,9 @@ def add_cli(subparsers) -> None:
                     help="adamw: the run's optimizer (state from the checkpoint), one step on the whole batch; sgd: plain SGD on Eq. 2")
     pp.add_argument("--lr", type=float, default=None, help="learning rate (default: adamw = the checkpoint's / train.lr; sgd = 0.1)")
     pp.add_argument("--eps", type=float, default=None, help="|Δ log p| <= eps is stable (default probes.flip.eps)")
+    pp.add_argument("--fresh-optimizer", action="store_true",
+                    help="adamw: start from a new AdamW state instead of the checkpoint's (its first step is close to sign "
+                    "descent, App. D.3; without it the step also carries earlier batches' momentum); lr: --lr, else train.lr")
     pp.set_defaults(func=cmd_polarity)
 
     pm = sub.add_parser("masking", help="masking effect of four token sets, LM-head vs full (Table 1, App. D.1)",
