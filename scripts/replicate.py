@@ -211,7 +211,7 @@ def part_momentum(out: Path, args) -> dict:
 # masking (claim 3): which batches, and which runs on each; name -> (budget index, pair, LM-head candidates, full candidates)
 MASKING = {
     "small": {"b0": (0, False, 32, 2), "b0_pair": (0, True, 32, 2), "b2_head": (2, False, 64, 0)},
-    "full": {"b0": (0, False, 128, 8), "b0_pair": (0, True, 128, 8), "b2_head": (2, False, 256, 0)},
+    "full": {"b0": (0, False, 128, 8), "b0_pair": (0, True, 128, 4), "b2_head": (2, False, 256, 0)},
 }
 
 
@@ -228,6 +228,10 @@ def part_masking(out: Path, args) -> dict:
     ctx = _context(out, args, max(SIZES[args.size]))
     res: dict = {"runs": []}
     for name, (bi, pair, n_head, n_full) in MASKING[args.size].items():
+        done = out / f"masking_{name}.json"  # each run is kept as it finishes: a killed part resumes at the next run
+        if done.exists():
+            res["runs"].append(json.loads(done.read_text()))
+            continue
         budget = SIZES[args.size][bi]
         batch, n_prompts = _first_groups(full, budget)
         t = time.perf_counter()
@@ -236,9 +240,13 @@ def part_masking(out: Path, args) -> dict:
                                      modes=modes, temperature=ctx.temperature, chunk_tokens=ctx.cfg.model.chunk_tokens,
                                      micro_rows=args.micro_rows, progress=False)
         ci = boost_rates_ci(tables["candidates"], batch.group_id.numpy(), seed=args.seed)
-        res["runs"].append({"name": name, "budget": budget, "prompts": n_prompts, "rows": len(batch), "pair": pair,
-                            "seconds": round(time.perf_counter() - t, 1), "ci": ci,
-                            "summary": {k: v for k, v in summ.items() if k != "table"}, "table": summ["table"]})
+        run = {"name": name, "budget": budget, "prompts": n_prompts, "rows": len(batch), "pair": pair,
+               "seconds": round(time.perf_counter() - t, 1), "ci": ci,
+               "summary": {k: v for k, v in summ.items() if k != "table"}, "table": summ["table"]}
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(run, indent=1, default=str))
+        tmp.replace(done)
+        res["runs"].append(run)
         print(f"  {name}: budget {budget}, pair {pair}, {summ['candidates']} candidates ({summ['full_candidates']} full), "
               f"sign agreement {summ['sign_agreement']:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
     return res
@@ -392,16 +400,19 @@ def figures_value(out: Path) -> None:
     v = json.loads((out / "value.json").read_text())
     est = v["prompt_bootstrap"]["estimators"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    names = [e for e in ("direct", "am", "eq20") if e in est]
+    names = [e for e in ("direct", "am") if e in est]  # Eq. 20 is orders of magnitude off this scale: printed, not drawn
     for j, (key, label) in enumerate((("all", "all rows"), ("pos", "A>0 rows"), ("neg", "A<0 rows"))):
         g = np.array([est[e]["gap"] if key == "all" else est[e]["by_sign"][key] for e in names])  # [E, 3]
         x = np.arange(len(names)) + (j - 1) * 0.27
         a.bar(x, g[:, 0], 0.27, yerr=[g[:, 0] - g[:, 1], g[:, 2] - g[:, 0]], capsize=2, label=label)
-    a.set_xticks(np.arange(len(names)), [f"{e}" for e in names])
+    a.set_xticks(np.arange(len(names)), ["direct: avg0 - avg_alt", "A_M: avg0 - avg1"])
     a.axhline(0, color="grey", lw=0.5)
     a.set_ylabel("value gap (boosted - suppressed)")
-    a.set_title(f"Fig. 5a: M = {v['M']}, {v['prompt_bootstrap']['tokens']} tokens")
-    a.legend(fontsize=7)
+    a.set_title(f"Fig. 5a: M = {v['M']}, {v['prompt_bootstrap']['tokens']} tokens", fontsize=10)
+    if "eq20" in est:
+        q = est["eq20"]["gap"]
+        a.text(0.02, 0.97, f"Eq. 20 (off scale): {q[0]:.3g} [{q[1]:.3g}, {q[2]:.3g}]", transform=a.transAxes, va="top", fontsize=7)
+    a.legend(fontsize=7, loc="upper right")
     for e in names:
         t = est[e]["entropy_topk"]
         if t:
@@ -409,9 +420,10 @@ def figures_value(out: Path) -> None:
             g = np.array([r["gap"] for r in t])
             b.errorbar(k, g[:, 0], yerr=[g[:, 0] - g[:, 1], g[:, 2] - g[:, 0]], fmt="-o", capsize=2, label=e)
     b.axhline(0, color="grey", lw=0.5)
-    b.set_xlabel("top-k% highest-entropy tokens of the batch")
-    b.set_title("Fig. 5b: gap on the top-k% entropy tokens")
+    b.set_xlabel("top-k% highest-entropy tokens of the batch (nested subsets)")
+    b.set_title("Fig. 5b: gap on the top-k% entropy tokens", fontsize=10)
     b.legend(fontsize=7)
+    fig.suptitle("Value gap of boosted vs suppressed tokens (95% CI, bootstrap over prompts)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "value_gap.png", dpi=120)
 
