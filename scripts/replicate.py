@@ -252,6 +252,28 @@ def part_masking(out: Path, args) -> dict:
     return res
 
 
+def part_agreement(out: Path, args) -> dict:
+    """App. D.1's sign agreement of Delta log p, full-parameter vs LM-head-only SGD step, on the
+    smallest budget at several step sizes: the masking part's lr 0.1 is far from first order
+    on this model (claim 1), and the paper's Fig. 10 compares standard (small) training steps."""
+    from tokencredit.batch import load_batch
+    from tokencredit.probes.masking import masking_probe
+
+    full = load_batch(out / "rollouts")
+    ctx = _context(out, args, max(SIZES[args.size]))
+    batch, n_prompts = _first_groups(full, SIZES[args.size][0])
+    res: dict = {"budget": SIZES[args.size][0], "rows": len(batch), "runs": []}
+    for lr in (1e-4, 1e-3, 1e-2, 1e-1):
+        # one candidate on each path: the agreement is over all tokens and does not depend on the candidates
+        _, summ = masking_probe(ctx.model, batch, n_candidates=1, n_full=1, sign_split=False, lr=lr, seed=args.seed,
+                                temperature=ctx.temperature, chunk_tokens=ctx.cfg.model.chunk_tokens, micro_rows=args.micro_rows)
+        res["runs"].append({"lr": lr, "sign_agreement": summ["sign_agreement"], "mean_abs_delta_lm_head": summ["mean_abs_delta_lm_head"],
+                            "mean_abs_delta_full": summ["mean_abs_delta_full"], "tokens": summ["tokens"]})
+        print(f"  SGD lr {lr:g}: sign agreement full vs LM-head {summ['sign_agreement']:.3f}, mean |d| head "
+              f"{summ['mean_abs_delta_lm_head']:.2e}, full {summ['mean_abs_delta_full']:.2e}", flush=True)
+    return res
+
+
 def part_value(out: Path, args) -> dict:
     """Claim 4 (Fig. 5a/5b): token values of one training update at the saved state.
 
@@ -377,15 +399,17 @@ def figures_masking(out: Path) -> None:
             ci = {c["set"]: c for c in next(r for r in runs if r["name"] == name)["ci"] if c["reading"] == reading and c["mode"] == mode}
             x = np.arange(len(sets)) + (j - (len(arms) - 1) / 2) * w
             v = np.array([ci[k]["boost_rate"] if k in ci else [np.nan] * 3 for k in sets])  # [4, 3]
-            ax.bar(x, v[:, 0], w, yerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], capsize=2, label=f"{name}, {mode}")
+            run = next(r for r in runs if r["name"] == name)
+            label = f"{run['prompts']} prompts{', pair' if run['pair'] else ''}, {'LM-head' if mode == 'lm_head' else 'full'}"
+            ax.bar(x, v[:, 0], w, yerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], capsize=2, label=label)
         ax.axhline(0.5, color="grey", lw=0.5)
         ax.set_xticks(np.arange(len(sets)), ["random", "same", "low conf", "same & low"], fontsize=8)
         ax.set_title({"all": "(a) all signs", "pos": "(b+) A>0 copies only", "neg": "(b-) A<0 copies only",
                       "aligned": "(c) sign-aligned"}[reading])
     axes[0].set_ylabel("Boost Rate")
-    axes[0].legend(fontsize=6)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(arms), fontsize=8)
     fig.suptitle("Masking effect (Table 1) under every reading; SGD lr 0.1 from the saved state (95% CI, bootstrap over prompts)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(out / "masking.png", dpi=120)
 
 
@@ -464,6 +488,12 @@ def tables(outs: list[Path]) -> str:
         lines.append("")
         if (out / "masking.json").exists():
             lines += masking_table(json.loads((out / "masking.json").read_text()))
+        if (out / "agreement.json").exists():
+            ag = json.loads((out / "agreement.json").read_text())
+            lines += [f"Sign agreement of Delta log p, full-parameter vs LM-head-only SGD step ({ag['budget']} prompts, {ag['rows']} rows):", "",
+                      "| SGD lr | sign agreement | mean abs Delta, LM-head only | mean abs Delta, full |", "|---:|---:|---:|---:|"]
+            lines += [f"| {r['lr']:g} | {r['sign_agreement']:.3f} | {r['mean_abs_delta_lm_head']:.2e} | {r['mean_abs_delta_full']:.2e} |"
+                      for r in ag["runs"]] + [""]
         if (out / "value.json").exists():
             lines += value_table(json.loads((out / "value.json").read_text()))
     return "\n".join(lines)
@@ -510,7 +540,7 @@ def value_table(v: dict) -> list[str]:
 
 
 PARTS = {"base": part_base, "batch": part_batch, "flip": part_flip, "fresh": part_fresh, "momentum": part_momentum,
-         "masking": part_masking, "value": part_value}
+         "masking": part_masking, "agreement": part_agreement, "value": part_value}
 
 
 def main() -> None:
@@ -521,7 +551,7 @@ def main() -> None:
     ap.add_argument("--base-steps", type=int, default=16, help="rollout steps of the base run (16: the ablation's length, train reward ~0.3)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--micro-rows", type=int, default=16, help="rows per forward/backward (memory only)")
-    ap.add_argument("--parts", default="base,batch,flip,fresh,momentum,masking,value", help="comma-separated parts to run (others are skipped)")
+    ap.add_argument("--parts", default="base,batch,flip,fresh,momentum,masking,agreement,value", help="comma-separated parts to run (others are skipped)")
     ap.add_argument("--value-M", type=int, default=None, help="continuations per branch of the value part (default: full 32, small 4)")
     ap.add_argument("--value-tokens", type=int, default=None, help="tokens valued (default: full 64, small 8)")
     ap.add_argument("--tables", nargs="+", metavar="DIR", help="only print the markdown tables of finished study directories")
