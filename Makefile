@@ -32,7 +32,7 @@ install-vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tokencredit train
 
-# the replication study of docs/results/replication.md (scripts/replicate.py; SIZE=full ~50 min on 2 cores, small ~10)
+# the replication study of docs/results/replication.md (scripts/replicate.py; SIZE=full ~2 h on 2 cores, small ~15 min)
 SIZE ?= full
 SEED ?= 0
 replicate: $(STAMP)

@@ -24,12 +24,26 @@ killed study continues where it stopped (delete a file to redo its part):
          with a 95% bootstrap interval over prompts (tokens of one rollout are correlated).
          Updates: AdamW from the checkpoint's optimizer state at lr 1e-6 (the paper's) and
          2e-5 (ours), and plain SGD on Eq. 2 at lr 0.1 (App. D.2).
+  fresh  the same probe with updates that carry no earlier batch: a fresh AdamW at lr 1e-6
+         (its first step is close to sign descent, App. D.3) and SGD at lr 1e-3 (a small step).
   momentum  the AdamW step on the middle budget with the batch's A and with A = 0: how much
          of a step from a used optimizer state is the earlier batches' momentum.
-Then OUT/flip_budget.png (claims 1 and 2) is drawn from flip.json.
+  masking  claim 3: the masking probe (Table 1; probes/masking.py) at the saved state, SGD lr
+         0.1, every reading, on the smallest budget (LM-head and full, without and with the
+         pair condition) and the largest (LM-head only); Boost Rates with a bootstrap over
+         prompts. Each run is kept as OUT/masking_<name>.json as it finishes.
+  agreement  App. D.1: sign agreement of Delta log p, full vs LM-head-only SGD step, at lr
+         1e-4 ... 1e-1 on the smallest budget.
+  value  claim 4: the base run continued one training step (16 prompts x 8, per-token flip
+         records), then the value probe (probes/value.py) on --value-tokens tokens (equal
+         boosted / suppressed x A>0 / A<0) with --value-M continuations per branch, every
+         estimator (direct, Eq. 20, A_M), gaps with a bootstrap over prompts, top-k% entropy.
+Then OUT/flip_budget.png (claims 1 and 2), OUT/masking.png (claim 3), OUT/value_gap.png
+(claim 4).
 
-Size knob: --size full = budgets 4, 16, 64 prompts (x 8 rollouts; ~50 min on 2 cores),
-small = 2, 4, 8 (a few minutes; the CI-sized smoke of the pipeline).
+Size knob: --size full = budgets 4, 16, 64 prompts (x 8 rollouts), value M = 32 on 96 tokens
+(seed 0 on 2 cores: base 5, batch 8, flip 35, fresh 19, momentum 5, masking 11, agreement 7,
+value 23 minutes); small = 2, 4, 8 prompts, M = 4 on 8 tokens (the pipeline's smoke).
 
 Simplifications: one state (one checkpoint), one batch per seed; a budget's update is one
 optimizer step on all its rows (the trainer would split it into mini-batches); the same
@@ -380,6 +394,38 @@ def figures(out: Path) -> None:
     fig.savefig(out / "flip_budget.png", dpi=120)
 
 
+def figures_categories(out: Path) -> None:
+    """Claim 5 (Fig. 4): boosted mass by token category, GRPO vs positive-only, per update, at
+    every budget (one panel per category)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for part in ("flip", "fresh") if (out / f"{part}.json").exists() for r in json.loads((out / f"{part}.json").read_text())["runs"]]
+    names = list(dict.fromkeys(r["update"] for r in runs))
+    budgets = sorted({r["budget"] for r in runs})
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), sharey=True)
+    w = 0.8 / len(names)
+    for ax, cat in zip(axes, ("math", "format", "reasoning")):
+        for j, name in enumerate(names):
+            by_b = {r["budget"]: r for r in runs if r["update"] == name}
+            x = np.arange(len(budgets)) + (j - (len(names) - 1) / 2) * w
+            g = [by_b[b]["categories"]["grpo"][cat] if b in by_b else np.nan for b in budgets]
+            p = [by_b[b]["categories"]["positive_only"][cat] if b in by_b else np.nan for b in budgets]
+            bars = ax.bar(x, g, w, label=name)
+            ax.scatter(x, p, marker="_", s=120, color="black", zorder=3, label="A+ (positive-only)" if j == 0 else None)
+            for bar in bars:
+                bar.set_alpha(0.85)
+        ax.set_xticks(np.arange(len(budgets)), [f"{b} prompts" for b in budgets])
+        ax.set_title(f"{cat} tokens")
+    axes[0].set_ylabel("share of boosted mass (bars: GRPO)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(names) + 1, fontsize=8)
+    fig.suptitle("Boosted mass by token category (Fig. 4): GRPO (bars) vs positive-only (black marks)")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(out / "categories.png", dpi=120)
+
+
 def figures_masking(out: Path) -> None:
     """Claim 3: Boost Rate per mask set, one panel per reading, LM-head and full, with the
     prompt-bootstrap intervals, for the smallest budget without the pair condition."""
@@ -486,6 +532,13 @@ def tables(outs: list[Path]) -> str:
             f = lambda d: " / ".join(f"{d[k]:.3f}" for k in ("math", "format", "reasoning"))  # noqa: E731
             lines.append(f"| {r['budget']} | {r['update']} | {f(c['grpo'])} | {f(c['positive_only'])} |")
         lines.append("")
+        if (out / "momentum.json").exists():
+            mo = json.loads((out / "momentum.json").read_text())
+            lines += [f"Momentum part ({mo['budget']} prompts x 8, AdamW from the saved state; the same step with the batch's A and with A = 0):", "",
+                      "| update | mean abs Delta log p, batch A | mean abs Delta log p, A = 0 | moved tokens, A / A = 0 | sign agreement |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {r['update']} | {r['mean_abs_batch']:.2e} | {r['mean_abs_zero_advantage']:.2e} | "
+                      f"{r['moved_batch']:.3f} / {r['moved_zero_advantage']:.3f} | {r['sign_agreement']:.3f} |" for r in mo["runs"]] + [""]
         if (out / "masking.json").exists():
             lines += masking_table(json.loads((out / "masking.json").read_text()))
         if (out / "agreement.json").exists():
@@ -553,7 +606,7 @@ def main() -> None:
     ap.add_argument("--micro-rows", type=int, default=16, help="rows per forward/backward (memory only)")
     ap.add_argument("--parts", default="base,batch,flip,fresh,momentum,masking,agreement,value", help="comma-separated parts to run (others are skipped)")
     ap.add_argument("--value-M", type=int, default=None, help="continuations per branch of the value part (default: full 32, small 4)")
-    ap.add_argument("--value-tokens", type=int, default=None, help="tokens valued (default: full 64, small 8)")
+    ap.add_argument("--value-tokens", type=int, default=None, help="tokens valued (default: full 96, small 8)")
     ap.add_argument("--tables", nargs="+", metavar="DIR", help="only print the markdown tables of finished study directories")
     args = ap.parse_args()
     if args.tables:
@@ -561,7 +614,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     args.value_M = args.value_M or (32 if args.size == "full" else 4)
-    args.value_tokens = args.value_tokens or (64 if args.size == "full" else 8)
+    args.value_tokens = args.value_tokens or (96 if args.size == "full" else 8)
     out = Path(args.out or f"replication-{args.size}-s{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
     print(f"replication: {platform.machine()}, size {args.size}, seed {args.seed}, out {out}, {time.strftime('%Y-%m-%d %H:%M')}")
@@ -580,6 +633,7 @@ def main() -> None:
         print(f"{name}: {res['seconds']:.0f} s", flush=True)
     if (out / "flip.json").exists():
         figures(out)
+        figures_categories(out)
     if (out / "masking.json").exists():
         figures_masking(out)
     if (out / "value.json").exists():
