@@ -503,35 +503,34 @@ def _ci(v: list[float]) -> str:
 
 
 def tables(outs: list[Path]) -> str:
-    """Markdown tables of flip.json of one or more study directories (one per seed)."""
+    """Markdown tables of every finished part of one or more study directories (one per seed)."""
+    from tokencredit.batch import load_batch
+
     lines = []
     for out in outs:
-        flip = json.loads((out / "flip.json").read_text())
-        if (out / "fresh.json").exists():
-            flip["runs"] = flip["runs"] + json.loads((out / "fresh.json").read_text())["runs"]
+        runs = [r for part in ("flip", "fresh") if (out / f"{part}.json").exists() for r in json.loads((out / f"{part}.json").read_text())["runs"]]
         batch = json.loads((out / "batch.json").read_text())
-        from tokencredit.batch import load_batch
-
         rows = load_batch(out / "rollouts")
-        lines += [f"### {out.name}: seed {flip['args']['seed']}, reward of the saved batch {float(rows.reward.mean()):.3f}, "
-                  f"{batch['mixed_groups']} mixed groups of {batch['prompts']}, optimizer state after "
-                  f"{flip['optimizer_state_steps']} steps", "",
-                  "| prompts x 8 | update | A>0 boosted | A>0 suppressed | A<0 boosted | A<0 suppressed | "
-                  "A+: A>0 boosted | A+: A<0 boosted | sign agreement A vs A+ | rows +/-/0 |",
-                  "|---:|---|---|---|---|---|---|---|---|---|"]
-        for r in flip["runs"]:
-            g, p = r["stats"]["grpo"], r["stats"]["positive_only"]
-            lines.append(f"| {r['budget']} | {r['update']} | {_ci(g['pos']['boosted'])} | {_ci(g['pos']['suppressed'])} | "
-                         f"{_ci(g['neg']['boosted'])} | {_ci(g['neg']['suppressed'])} | {_ci(p['pos']['boosted'])} | "
-                         f"{_ci(p['neg']['boosted'])} | {_ci(r['stats']['sign_agreement'])} | "
-                         f"{r['rows_pos']}/{r['rows_neg']}/{r['rows_zero']} |")
-        lines += ["", "Boosted mass by token category (Fig. 4), GRPO vs positive-only:", "",
-                  "| prompts x 8 | update | GRPO math / format / reasoning | A+ math / format / reasoning |", "|---:|---|---|---|"]
-        for r in flip["runs"]:
-            c = r["categories"]
-            f = lambda d: " / ".join(f"{d[k]:.3f}" for k in ("math", "format", "reasoning"))  # noqa: E731
-            lines.append(f"| {r['budget']} | {r['update']} | {f(c['grpo'])} | {f(c['positive_only'])} |")
-        lines.append("")
+        lines += [f"### {out.name}: seed {batch['args']['seed']}, reward of the saved batch {float(rows.reward.mean()):.3f}, "
+                  f"{batch['mixed_groups']} mixed groups of {batch['prompts']}, base run's optimizer steps "
+                  f"{json.loads((out / 'base.json').read_text())['optimizer_steps']}", ""]
+        if runs:
+            lines += ["| prompts x 8 | update | A>0 boosted | A>0 suppressed | A<0 boosted | A<0 suppressed | "
+                      "A+: A>0 boosted | A+: A<0 boosted | sign agreement A vs A+ | rows +/-/0 |",
+                      "|---:|---|---|---|---|---|---|---|---|---|"]
+            for r in runs:
+                g, p = r["stats"]["grpo"], r["stats"]["positive_only"]
+                lines.append(f"| {r['budget']} | {r['update']} | {_ci(g['pos']['boosted'])} | {_ci(g['pos']['suppressed'])} | "
+                             f"{_ci(g['neg']['boosted'])} | {_ci(g['neg']['suppressed'])} | {_ci(p['pos']['boosted'])} | "
+                             f"{_ci(p['neg']['boosted'])} | {_ci(r['stats']['sign_agreement'])} | "
+                             f"{r['rows_pos']}/{r['rows_neg']}/{r['rows_zero']} |")
+            lines += ["", "Boosted mass by token category (Fig. 4), GRPO vs positive-only:", "",
+                      "| prompts x 8 | update | GRPO math / format / reasoning | A+ math / format / reasoning |", "|---:|---|---|---|"]
+            for r in runs:
+                c = r["categories"]
+                f = lambda d: " / ".join(f"{d[k]:.3f}" for k in ("math", "format", "reasoning"))  # noqa: E731
+                lines.append(f"| {r['budget']} | {r['update']} | {f(c['grpo'])} | {f(c['positive_only'])} |")
+            lines.append("")
         if (out / "momentum.json").exists():
             mo = json.loads((out / "momentum.json").read_text())
             lines += [f"Momentum part ({mo['budget']} prompts x 8, AdamW from the saved state; the same step with the batch's A and with A = 0):", "",
