@@ -334,16 +334,12 @@ def value_tables(run: Path, step: int, res: dict, seed: int = 0) -> dict:
     bootstrap over prompts (probes/bootstrap.py gap_ci; the probe's own intervals
     resample tokens), and each estimator's median per-token standard error."""
     from tokencredit.probes.bootstrap import gap_ci
-    from tokencredit.probes.value import ESTIMATORS
+    from tokencredit.probes.value import ESTIMATORS, _f64 as f
     from tokencredit.rundir import read_jsonl, read_parquet
 
     cols = read_parquet(run / "probes" / f"flip_step_{step}.parquet")
     prompt_of = {int(r): int(i) for r, i in zip(cols["row"], cols["prompt_index"])}
     recs = read_jsonl(Path(res["path"]))
-
-    def f(x):
-        return float("nan") if x is None else float(x)
-
     recs = [r for r in recs if all(np.isfinite(f(r.get(f"value_{e}"))) for e in ESTIMATORS)]
     g = np.array([prompt_of[int(r["row"])] for r in recs])
     b = np.array([r["kind"] == "boosted" for r in recs])

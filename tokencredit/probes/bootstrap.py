@@ -97,6 +97,7 @@ def boost_rates_ci(cands: dict, group_of_row: np.ndarray, reps: int = 2000, seed
     mode) that has candidates: n, prompts, boost_rate = [value, lo, hi] (value =
     the probe's own Boost Rate), mean_boost."""
     c = {k: np.asarray(v) for k, v in cands.items() if k != "set_tokens"}
+    g = np.asarray(group_of_row)[c["row"].astype(np.int64)]  # [C * sets] each candidate row's prompt
     out = []
     for reading in ("all", "pos", "neg", "aligned"):
         if reading in ("pos", "neg") and f"set_size_{reading}" not in c:
@@ -112,7 +113,6 @@ def boost_rates_ci(cands: dict, group_of_row: np.ndarray, reps: int = 2000, seed
                 valid = sel & (size > 0) & np.isfinite(d)
                 if not valid.any():
                     continue
-                g = group_of_row[c["row"].astype(np.int64)]
                 _, sums = group_sums(g[valid], {"b": d[valid] > 0, "n": np.ones(int(valid.sum()))})
                 out.append({"reading": reading, "set": name, "mode": mode, "n": int(valid.sum()),
                             "prompts": int((sums["n"] > 0).sum()), "boost_rate": list(ratio_ci(sums["b"], sums["n"], reps, seed)),
