@@ -36,8 +36,9 @@ def _user_errors():
     errs: list[type[BaseException]] = [ConfigError, FileNotFoundError]
     try:
         from tokencredit.model import ModelLoadError
+        from tokencredit.model.precision import PrecisionError
 
-        errs.append(ModelLoadError)
+        errs += [ModelLoadError, PrecisionError]
     except ImportError:
         pass
     try:

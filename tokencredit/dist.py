@@ -185,7 +185,7 @@ def rank_rows(group_id: torch.Tensor, rank: int, world: int, tokens: torch.Tenso
     return rank_shares(group_id, world, tokens)[rank]
 
 
-def shard_model(model: torch.nn.Module, mode: str = "fsdp2", mixed_precision: bool = False) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, mode: str = "fsdp2", param_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Data parallelism for `model` in place.
 
     "fsdp2": `fully_shard` on every decoder layer and then on the root (which
@@ -194,8 +194,11 @@ def shard_model(model: torch.nn.Module, mode: str = "fsdp2", mixed_precision: bo
     over the ranks; gradients are averaged over ranks in backward. The chunked
     forward (model/forward.py) calls the body and the head directly, so it runs
     inside the root's `__call__` (`through_root`) for the root's hooks to fire.
-    mixed_precision (GPU): bf16 parameters for compute, fp32 gradient reduction
-    (`MixedPrecisionPolicy`); the sharded master weights keep their dtype.
+    param_dtype (bf16 compute, model/precision.py): the layers gather their
+    parameters in this dtype and compute in it, gradients are reduced and kept in
+    float32 (`MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)`); the
+    sharded parameters the optimizer updates stay float32 (master weights).
+    None: gathers and compute in the parameters' own dtype.
     "ddp": parameters stay replicated (every rank starts from rank 0's weights);
     pass `average_gradients` as `optimizer_step(grad_sync=)` (the chunked forward
     bypasses DistributedDataParallel's own forward, so its reducer cannot be used).
@@ -208,7 +211,7 @@ def shard_model(model: torch.nn.Module, mode: str = "fsdp2", mixed_precision: bo
         raise ValueError(f"data-parallel mode must be fsdp2 or ddp, got {mode!r}")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None else MixedPrecisionPolicy()
     for layer in _decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)

@@ -123,12 +123,13 @@ def _fsync_dir(d: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def export_final(model: torch.nn.Module, tokenizer: Any, run_dir: str | Path, config_yaml: str, summary: dict) -> Path:
-    """RUN_DIR/final/ at the end of training: the model in its training dtype,
-    with a card from the run's config and summary. Replaces an older final/ of
-    the same run (a resumed run ends with its own)."""
+def export_final(model: torch.nn.Module, tokenizer: Any, run_dir: str | Path, config_yaml: str, summary: dict,
+                 dtype: str | torch.dtype | None = None) -> Path:
+    """RUN_DIR/final/ at the end of training: the model in `dtype` (the run's compute
+    dtype, model.dtype; None = the parameters' own), with a card from the run's config
+    and summary. Replaces an older final/ of the same run (a resumed run ends with its own)."""
     card = model_card(config_yaml, summary_card_metrics(summary), source=f"end of training (rollout step {summary.get('steps')})")
-    return export_model(model, tokenizer, Path(run_dir) / "final", dtype=None, card_text=card, force=True)
+    return export_model(model, tokenizer, Path(run_dir) / "final", dtype=dtype, card_text=card, force=True)
 
 
 def export_run(

@@ -44,6 +44,7 @@ from typing import Sequence
 from transformers import LogitsProcessor
 
 from tokencredit.evaluate import _problem_record, avg_at_k, summarize
+from tokencredit.model.precision import compute_autocast
 
 PAPER_MAX_NEW_TOKENS = 8192  # paper, Appendix B and Table 3: max_response_length 8192
 PAPER_AVG_N = 32  # paper, Appendix B: avg@32 on AIME24, AIME25, AMC
@@ -158,15 +159,16 @@ def sample_chunk(model, tokenizer, prompts: Sequence[str], seeds: Sequence[Seque
               temperature=None, top_p=None, top_k=None)
     if temperature > 0:
         kw["logits_processor"] = LogitsProcessorList([SeededSampler(row_seeds, temperature, top_p, device)])
-    cache = _shared_prompt_cache(model, ids, am)
-    if cache is not None:
-        kw["past_key_values"] = cache
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=am, **kw)
-    if was_training:
-        model.train()
+    try:
+        with torch.no_grad(), compute_autocast(model):  # the model's compute dtype (model/precision.py)
+            cache = _shared_prompt_cache(model, ids, am)
+            if cache is not None:
+                kw["past_key_values"] = cache
+            out = model.generate(input_ids=ids, attention_mask=am, **kw)
+    finally:
+        model.train(was_training)
     resp = out[:, ids.shape[1]:].cpu()  # (R, T)
     if resp.shape[1] == 0:
         resp = torch.full((len(row_seeds), 1), pad_id, dtype=torch.long)

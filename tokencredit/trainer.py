@@ -47,6 +47,7 @@ from tokencredit.dist import (RankSampler, average_gradients, broadcast_object, 
                               load_full_state, rank_shares, shard_model, unsharded_copy)
 from tokencredit.model.forward import forward_rows
 from tokencredit.model.load import resolve_device
+from tokencredit.model.precision import HALF, check_compute_dtype, master_dtype, set_compute_dtype
 from tokencredit.probes.flip import flip_records, flip_stats
 from tokencredit.rollout import make_sampler, rollout_step
 from tokencredit.rundir import append_jsonl, read_jsonl, write_jsonl, write_parquet
@@ -97,17 +98,20 @@ class Trainer:
         _check_world(cfg, self.dist.world)  # before the model loads
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
+        self.device = resolve_device(cfg.model.device)
+        compute = check_compute_dtype(cfg.model.dtype, self.device)  # one line naming model.dtype, before any load
         torch.manual_seed(cfg.train.seed + 1_000_003 * self.dist.rank)  # rank 0 samples as one process would
         random.seed(cfg.train.seed + 1_000_003 * self.dist.rank)
         # reward.functions load in their worker processes before the model: a bad spec fails in seconds
         self.verifier = start_reward_functions(cfg.reward)
-        self.device = resolve_device(cfg.model.device)
         # auto: FSDP2 on GPU; on CPU (gloo) replicated weights, which measured faster (docs/results/dp_scaling.md)
         self.dp_mode = {"auto": "fsdp2" if self.device.type == "cuda" else "ddp"}.get(cfg.train.data_parallel, cfg.train.data_parallel)
         self.fsdp = self.dist.world > 1 and self.dp_mode == "fsdp2"
+        # fp32 master weights (optimizer, checkpoints); forwards in the compute dtype (model/precision.py)
+        master = master_dtype(compute)
         if model is None:
-            model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, device=str(self.device))
-        self.model, self.tokenizer = model.to(self.device), tokenizer
+            model, tokenizer = load_model(cfg.model.name, dtype=master, device=str(self.device))
+        self.model, self.tokenizer = set_compute_dtype(model.to(self.device, master), compute), tokenizer
         self.model.eval()
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -117,7 +121,7 @@ class Trainer:
         # the sampler before sharding: a vLLM engine loads the full weights (later syncs gather them)
         self.sampler = make_sampler(self.model, self.tokenizer, cfg)
         if self.dist.world > 1:
-            shard_model(self.model, self.dp_mode, mixed_precision=self.fsdp and self.device.type == "cuda")
+            shard_model(self.model, self.dp_mode, param_dtype=compute if self.fsdp and compute in HALF else None)
             self.sampler.sync_weights(self.model, 0)  # a vLLM engine holds rank 0's weights from the start
             self.sampler = RankSampler(self.sampler, self.dist)  # each rank samples its share; rows gathered
 
@@ -199,7 +203,7 @@ class Trainer:
         t = cur["logprob"].shape[1]
         out = {}
         for key, v in cur.items():
-            full = base[key].clone() if base.get(key) is not None else torch.zeros((B, T) + tuple(v.shape[2:]))
+            full = base[key].clone() if base.get(key) is not None else torch.zeros((B, T) + tuple(v.shape[2:]), dtype=v.dtype)
             full[rows, :t] = v
             out[key] = full
         return out
@@ -471,7 +475,7 @@ class Trainer:
         if cfg.output.save_final:  # RUN_DIR/final/: a Hugging Face model directory (tokencredit/export.py)
             from tokencredit.export import export_final
 
-            export_final(final, self.tokenizer, self.run_dir, dump_config(cfg), summary)
+            export_final(final, self.tokenizer, self.run_dir, dump_config(cfg), summary, dtype=cfg.model.dtype)
         for t in self.trackers:
             t.summary(summary)
             t.close()

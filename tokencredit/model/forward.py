@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tokencredit.batch import RolloutBatch
+from tokencredit.model.precision import compute_autocast
 
 __all__ = ["forward_rows", "forward_tokens", "full_params", "is_fsdp", "lm_head_inputs", "naive_token_logprobs", "through_root"]
 
@@ -57,7 +58,8 @@ def forward_tokens(
 
     Returns a dict of `[B, T]` response-aligned tensors, exactly 0 wherever
     `response_mask == 0`:
-      - "logprob": float32, log softmax(logits / temperature)[token];
+      - "logprob": float32 (float64 for a float64 model; bf16 compute still gives
+        float32), log softmax(logits / temperature)[token];
         differentiable when torch grad is enabled;
       - "entropy" (if with_entropy): float32, detached,
         H = logsumexp(z) - sum_v softmax(z)_v * z_v with z = logits / temperature;
@@ -78,6 +80,13 @@ def forward_tokens(
         return through_root(model, lambda: forward_tokens(model, batch, temperature=temperature, chunk_tokens=chunk_tokens,
                                                           with_entropy=with_entropy, with_hidden=with_hidden))
 
+    with compute_autocast(model):  # bf16 compute on float32 parameters (model/precision.py); no-op otherwise
+        return _forward_tokens(model, batch, temperature, chunk_tokens, with_entropy, with_hidden)
+
+
+def _forward_tokens(model, batch: RolloutBatch, temperature: float, chunk_tokens: int, with_entropy: bool,
+                    with_hidden: bool) -> dict[str, torch.Tensor]:
+    """`forward_tokens` after its checks, in the model's compute dtype."""
     h_all, h_mid, (b_idx, t_idx, pos) = _body(model, batch, with_hidden=with_hidden)
     B, T = batch.response_ids.shape
     dev = h_all.device
@@ -105,13 +114,14 @@ def forward_tokens(
     out: dict[str, torch.Tensor] = {}
     idx = (b_idx, t_idx)
     lp_flat = torch.cat(lps)  # [N]
-    out["logprob"] = torch.zeros(B, T, dtype=torch.float32, device=dev).index_put(idx, lp_flat)  # [B, T]
+    dt = lp_flat.dtype  # float32 (float64 for a float64 model)
+    out["logprob"] = torch.zeros(B, T, dtype=dt, device=dev).index_put(idx, lp_flat)  # [B, T]
     if with_entropy:
         ent_flat = torch.cat(ents)  # [N]
-        out["entropy"] = torch.zeros(B, T, dtype=torch.float32, device=dev).index_put(idx, ent_flat)
+        out["entropy"] = torch.zeros(B, T, dtype=dt, device=dev).index_put(idx, ent_flat)
     if with_hidden:
-        hm = h_mid[b_idx, pos].detach().float()  # [N, H]
-        out["hidden"] = torch.zeros(B, T, hm.shape[-1], dtype=torch.float32, device=dev).index_put(idx, hm)
+        hm = _at_least_f32(h_mid[b_idx, pos].detach())  # [N, H]
+        out["hidden"] = torch.zeros(B, T, hm.shape[-1], dtype=hm.dtype, device=dev).index_put(idx, hm)
     return out
 
 
@@ -175,10 +185,11 @@ def lm_head_inputs(model, batch: RolloutBatch, *, micro_rows: int | None = None)
     out = None
     for s in range(0, B, max(step, 1)) if B else [0]:
         sub = batch if step >= B else batch.select(range(s, min(B, s + step)))  # select trims the padding columns
-        h_all, _, (b_idx, t_idx, pos) = _body(model, sub, with_hidden=False)
-        h = h_all[b_idx, pos].float()  # [n, H]
+        with compute_autocast(model):
+            h_all, _, (b_idx, t_idx, pos) = _body(model, sub, with_hidden=False)
+        h = _at_least_f32(h_all[b_idx, pos])  # [n, H]
         if out is None:
-            out = torch.zeros(B, T, h.shape[-1], dtype=torch.float32, device=h.device)  # [B, T, H]
+            out = torch.zeros(B, T, h.shape[-1], dtype=h.dtype, device=h.device)  # [B, T, H]
         out.index_put_((b_idx + s, t_idx), h)
     return out
 
@@ -190,15 +201,16 @@ def naive_token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -
     Do not use in training (memory O(B * L * V))."""
     dev = _device(model)
     inputs = {k: v.to(dev) for k, v in batch.model_inputs().items()}
-    logits = model(**inputs, use_cache=False).logits  # [B, L, V]
+    with compute_autocast(model):
+        logits = model(**inputs, use_cache=False).logits  # [B, L, V]
     P, T = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    z = logits[:, P - 1 : P - 1 + T].float() / temperature  # [B, T, V]
+    z = _at_least_f32(logits[:, P - 1 : P - 1 + T]) / temperature  # [B, T, V]
     logp = F.log_softmax(z, dim=-1)  # [B, T, V]
     ids = batch.response_ids.to(dev)
     lp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [B, T]
     ent = -(logp.exp() * logp).sum(-1).detach()  # [B, T]
     mask = batch.response_mask.to(dev) > 0
-    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    zero = torch.zeros((), dtype=lp.dtype, device=dev)
     return {"logprob": torch.where(mask, lp, zero), "entropy": torch.where(mask, ent, zero)}
 
 
@@ -269,6 +281,11 @@ def through_root(model, fn):
 
 
 # ---------------------------------------------------------------- internals
+def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32, or as is when it is float64 (the reference precision)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -416,7 +433,7 @@ def _chunk_stats(
     h: [n, H] hidden states, tgt: [n] ids -> (logprob [n] float32, entropy [n] float32,
     detached; empty if not with_entropy).
     """
-    z = head(h).float()  # [n, V] logits, upcast
+    z = _at_least_f32(head(h))  # [n, V] logits, upcast from bf16
     if scale != 1.0:
         z = z * scale
     if softcap is not None:

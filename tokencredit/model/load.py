@@ -49,6 +49,7 @@ _DTYPES = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
+    "float64": torch.float64,
 }
 
 
@@ -125,7 +126,7 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     key = str(dtype).strip().lower().removeprefix("torch.")
     if key not in _DTYPES:
-        raise ModelLoadError(f"unknown dtype '{dtype}'; use one of: float32, bfloat16, float16")
+        raise ModelLoadError(f"unknown dtype '{dtype}'; use one of: float32, bfloat16, float16, float64")
     return _DTYPES[key]
 
 

@@ -120,7 +120,12 @@ def load_model_into(ctx: ProbeContext) -> ProbeContext:
     from tokencredit.checkpoint import load_checkpoint
     from tokencredit.model import load_model
 
-    model, tok = load_model(ctx.cfg.model.name, dtype=ctx.cfg.model.dtype, device=str(ctx.device))
+    from tokencredit.model.precision import check_compute_dtype, master_dtype, set_compute_dtype
+
+    # as the trainer: fp32 master weights (the probes' optimizer steps), forwards in model.dtype
+    compute = check_compute_dtype(ctx.cfg.model.dtype, ctx.device)
+    model, tok = load_model(ctx.cfg.model.name, dtype=master_dtype(compute), device=str(ctx.device))
+    set_compute_dtype(model, compute)
     ctx.state = load_checkpoint(ctx.checkpoint, model) if ctx.checkpoint is not None else {}
     model.eval()
     ctx.model, ctx.tokenizer = model, tok

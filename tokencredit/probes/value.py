@@ -102,6 +102,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from tokencredit.model.precision import in_compute_dtype
+
 log = logging.getLogger("tokencredit.value")
 
 MODES = ("shared", "batched", "sequential")
@@ -459,6 +461,7 @@ def _cut_at_eos(seq: list[int], eos_ids: set[int]) -> list[int]:
 
 
 @torch.no_grad()
+@in_compute_dtype  # the model's compute dtype (model/precision.py)
 def branch_continuations(
     model,
     prefix_ids: torch.Tensor,

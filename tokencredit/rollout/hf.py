@@ -16,6 +16,7 @@ import torch
 
 from tokencredit.batch import RolloutBatch
 from tokencredit.model.forward import full_params, is_fsdp, through_root
+from tokencredit.model.precision import compute_autocast
 
 
 HF_CACHES = ("auto", "dynamic", "static")
@@ -131,7 +132,7 @@ def generate_hf(
     chunks = []
     was_training = model.training
     model.eval()
-    with full_params(model):
+    with full_params(model), compute_autocast(model):  # bf16 compute on float32 parameters (model/precision.py)
         for s in range(0, B, gen_batch_size):
             ids = prompt_ids[s : s + gen_batch_size].to(device)
             am = prompt_mask[s : s + gen_batch_size].to(device)
