@@ -1,7 +1,8 @@
 """Time of the trainer's update step on one GPU, and the TFLOP/s it achieves.
 
 What: one GRPO update step as the trainer runs it, on a real architecture with
-random weights (default: a Qwen2-1.5B-shaped `Qwen2Config`, bf16). Per step:
+random weights (default: a Qwen2-1.5B-shaped `Qwen2Config`, bf16 compute over
+float32 master weights, as the trainer runs model.dtype=bfloat16). Per step:
   1. old log-probs: `forward_tokens` under `torch.no_grad()` over all rows, in
      micro-batches of `--micro` rows (the trainer's pre-update forward);
   2. `optimizer_step` (AdamW, grad clip 1.0, default `LossSpec`) over the same
@@ -25,7 +26,7 @@ rate measured on an H200 (8192^3 products); peak memory is
 
 Needs: torch and transformers (with its own needs: huggingface_hub, tokenizers,
 safetensors, numpy, packaging, pyyaml, regex, tqdm, typer); NOT pydantic or
-math-verify (only tokencredit.batch / .update / .model.forward / .algo.losses
+math-verify (only tokencredit.batch / .update / .model.forward / .model.precision / .algo.losses
 are imported, and they import torch alone). The nvidia-h200 image already has
 transformers 5.17, tokenizers, safetensors and huggingface_hub, so nothing is
 carried. Elsewhere, carry wheels: transformers and huggingface_hub are pure
@@ -52,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from tokencredit.batch import RolloutBatch  # noqa: E402
 from tokencredit.model.forward import forward_tokens  # noqa: E402
+from tokencredit.model.precision import master_dtype, set_compute_dtype  # noqa: E402
 from tokencredit.update import LossSpec, micro_batches, optimizer_step  # noqa: E402
 
 G = 8  # rollouts per prompt
@@ -143,7 +145,8 @@ def main() -> int:
     ap.add_argument("--model", choices=sorted(MODELS), default="qwen2-1.5b", help="architecture (random weights)")
     ap.add_argument("--device", default="cuda", help="torch device (cuda, cuda:1, cpu)")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                    help="parameter dtype (default: bfloat16 on cuda, float32 on cpu)")
+                    help="compute dtype (model.dtype; default: bfloat16 on cuda, float32 on cpu); parameters and "
+                         "AdamW state are float32 either way, as in the trainer")
     ap.add_argument("--attn", default="sdpa", help="transformers attn_implementation (sdpa, eager, ...)")
     ap.add_argument("--prompts", type=int, default=16, help=f"prompts per step (x G={G} rollouts each)")
     ap.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt (no padding)")
@@ -168,7 +171,7 @@ def main() -> int:
     dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
     T_min = a.response_len if a.min_response_len is None else a.min_response_len
 
-    model = build_model(a.model, dev, dtype, a.attn, a.prompt_len + a.response_len)
+    model = set_compute_dtype(build_model(a.model, dev, master_dtype(dtype), a.attn, a.prompt_len + a.response_len), dtype)
     if a.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = sum(p.numel() for p in model.parameters())  # tied embedding counted once
@@ -198,7 +201,7 @@ def main() -> int:
     import transformers
 
     B = len(batch)
-    print(f"gpu_step: {a.model} ({params / 1e6:.1f} M params, all counted, tied embedding once), {dtype}, attn={a.attn}, "
+    print(f"gpu_step: {a.model} ({params / 1e6:.1f} M params, all counted, tied embedding once), {dtype} compute over {master_dtype(dtype)} parameters, attn={a.attn}, "
           f"grad_ckpt={a.grad_ckpt}, on {name}; torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"batch: {a.prompts} prompts x G={G} = {B} rows, P={a.prompt_len}, T={a.response_len} "
           f"(responses {T_min}..{a.response_len}: {batch.num_tokens} response tokens), micro={a.micro} rows, "

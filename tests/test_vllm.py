@@ -200,3 +200,14 @@ def test_torchrun_two_ranks_one_engine_each_synced_from_fsdp2_shards(tmp_path):
         if "grad_norm" in a:
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
             assert b["rollout_logprob_abs_diff_max"] <= 1e-4  # vLLM holds the trainer's (gathered) weights
+
+
+def test_bf16_compute_gives_a_bf16_engine_synced_from_the_float32_masters(tmp_path):
+    """model.dtype=bfloat16: the engine computes in bf16 (rollout.vllm_dtype=auto) while the trainer keeps
+    float32 masters; after each update the engine holds the masters rounded to bf16 (one rounding each)."""
+    tr, rows = _run(tmp_path, "bf16", 2, extra=["model.dtype=bfloat16"])
+    assert any(r.get("grad_norm", 0) > 0 for r in rows), "precondition: an update happened"
+    engine = dict(tr.sampler._engine_model().named_parameters())
+    master = tr.model.lm_head.weight.detach()
+    assert master.dtype == torch.float32 and engine["lm_head.weight"].dtype == torch.bfloat16
+    assert torch.equal(engine["lm_head.weight"][: master.shape[0]].cpu(), master.to(torch.bfloat16))

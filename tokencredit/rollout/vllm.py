@@ -117,6 +117,9 @@ class VLLMSampler:
 
             vllm_cpu_weights.apply()  # plain linear weights, so weight sync reaches the kernels
         dtype = cfg.model.dtype if r.vllm_dtype == "auto" else r.vllm_dtype
+        if dtype == "float64":
+            raise ConfigError("rollout.backend=vllm with model.dtype=float64: vLLM has no float64 kernels; float64 is a "
+                              "reference precision for rollout.backend=hf (or set rollout.vllm_dtype)")
         kv = r.vllm_kv_cache_gib if r.vllm_kv_cache_gib is not None else (CPU_KV_CACHE_GIB if on_cpu else None)
         kw = dict(
             dtype=dtype, seed=self.seed, enforce_eager=r.vllm_enforce_eager, enable_prefix_caching=r.vllm_prefix_caching,
