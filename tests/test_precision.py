@@ -169,3 +169,22 @@ def test_probe_context_loads_float32_masters_with_the_compute_dtype(tmp_path):
     ctx = resolve_context(model="tiny-random", overrides=["model.dtype=bfloat16"], out=tmp_path)
     load_model_into(ctx)
     assert {p.dtype for p in ctx.model.parameters()} == {torch.float32} and compute_dtype(ctx.model) == torch.bfloat16
+
+
+def test_generation_under_bf16_compute_uses_a_growing_cache_and_refuses_a_static_one():
+    """Autocast over float32 weights gives float32 keys (transformers' rotary embedding upcasts) beside bf16
+    values: rows without a shared prompt (eval's case) decode with a dynamic cache under "auto"; an explicit
+    "static" is refused in one line, by generate_hf and by the config."""
+    from tokencredit.config import ConfigError
+    from tokencredit.model.tiny import build_tiny
+    from tokencredit.rollout.hf import generate_hf
+
+    model, tok = build_tiny(seed=5, hidden=32, layers=2, heads=4, tie=True)
+    set_compute_dtype(model, "bfloat16")
+    kw = dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=4, gen_batch_size=8)
+    b = generate_hf(model, tok, ["Say 1.", "Say 22."], **kw)  # distinct prompts: auto would pick static in float32
+    assert b.response_ids.shape[0] == 2 and b.response_mask.sum() >= 2
+    with pytest.raises(ValueError, match="static"):
+        generate_hf(model, tok, ["Say 1.", "Say 22."], cache="static", **kw)
+    with pytest.raises(ConfigError, match="rollout.hf_cache=static with model.dtype=bfloat16"):
+        load_config(None, ["model.dtype=bfloat16", "rollout.hf_cache=static"])

@@ -72,7 +72,7 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
     max_new_tokens: int = Field(32, gt=0, description="Maximum response length in tokens; longer responses are truncated (and marked unfinished).")
     gen_batch_size: int = Field(32, gt=0, description="Rows generated at once by the HF backend.")
-    hf_cache: Literal["auto", "dynamic", "static"] = Field("auto", description="hf backend KV cache: dynamic (rows of one prompt share a single prefill), static (preallocated, faster decoding, each row prefills its prompt) or auto = dynamic when a generate call's rows share prompts, static otherwise; the faster one measured on CPU (bench/rollout_backends.py, docs/rollout.md). Same tokens under greedy decoding.")
+    hf_cache: Literal["auto", "dynamic", "static"] = Field("auto", description="hf backend KV cache: dynamic (rows of one prompt share a single prefill), static (preallocated, faster decoding, each row prefills its prompt) or auto = dynamic when a generate call's rows share prompts, static otherwise (dynamic always under model.dtype=bfloat16, whose autocast gives keys and values different dtypes); the faster one measured on CPU (bench/rollout_backends.py, docs/rollout.md). Same tokens under greedy decoding.")
     dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling (verl algorithm.filter_groups; the 80/20 paper's setup): drop groups whose training advantages are all zero (all-equal rewards under GRPO) and sample further prompts until prompts_per_step useful groups are collected; surplus groups of the last round are discarded (counted). The reward-balanced buffer, if on, selects from the result.")
     max_gen_rounds: int = Field(4, gt=0, description="Dynamic sampling: at most this many generation rounds of prompts_per_step prompts per rollout step (verl max_num_gen_batches); when reached, the step trains on the useful groups it has.")
     vllm_gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="vllm: fraction of GPU memory the engine may take for weights, activations and KV cache (vLLM gpu_memory_utilization); colocated with training, so well below vLLM's 0.9. On CPU the KV cache is sized by vllm_kv_cache_gib instead.")
@@ -280,6 +280,10 @@ class Config(_Section):
                 f"reward-balanced set (batching.reward_balance.tau={rb.tau}) can never form; set "
                 "batching.reward_balance.tau=null"
             )
+        if self.model.dtype == "bfloat16" and self.rollout.hf_cache == "static":
+            raise ValueError("rollout.hf_cache=static with model.dtype=bfloat16: under autocast over float32 weights the "
+                             "keys and values come out in different dtypes, which a preallocated cache cannot hold; "
+                             "use rollout.hf_cache=auto or dynamic")
         lo, hi = self.token_weights.band
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"token_weights.band must satisfy 0 <= lo < hi <= 1 (got {self.token_weights.band})")

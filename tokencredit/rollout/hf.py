@@ -16,7 +16,7 @@ import torch
 
 from tokencredit.batch import RolloutBatch
 from tokencredit.model.forward import full_params, is_fsdp, through_root
-from tokencredit.model.precision import compute_autocast
+from tokencredit.model.precision import HALF, compute_autocast, compute_dtype
 
 
 HF_CACHES = ("auto", "dynamic", "static")
@@ -73,6 +73,12 @@ def _shared_prompt_cache(model, ids: torch.Tensor, am: torch.Tensor):
     return cache
 
 
+def _autocast_over_full_precision(model) -> bool:
+    """True when `model` computes in bf16/fp16 by autocast over float32 parameters (model/precision.py),
+    where transformers' rotary embedding returns float32 keys beside half-precision values."""
+    return compute_dtype(model) in HALF and next(model.parameters()).dtype not in HALF
+
+
 @torch.no_grad()
 def generate_hf(
     model,
@@ -94,7 +100,9 @@ def generate_hf(
     share one prefill, see `_shared_prompt_cache`), "static" (a preallocated
     StaticCache of prompt + max_new_tokens per row: no per-step concatenation,
     but every row prefills its own prompt) or "auto": dynamic for a generate
-    call whose rows share prompts (groups), static otherwise. Measured with
+    call whose rows share prompts (groups), static otherwise (dynamic always
+    under bf16 autocast over float32 weights, where transformers' rotary
+    embedding gives float32 keys beside bf16 values). Measured with
     SmolLM2 on this project's 2-core CPU (bench/rollout_backends.py): 4 prompts
     x 8 rows, 32 new tokens, dynamic 230-250 tok/s vs static 150; 32 MATH-500
     prompts x 1 row, 32 new tokens, static 25.4 vs dynamic 18-20. The same
@@ -139,6 +147,11 @@ def generate_hf(
             kv = _shared_prompt_cache(model, ids, am) if cache != "static" else None
             if kv is not None:
                 extra = {"past_key_values": kv}
+            elif _autocast_over_full_precision(model):  # keys float32, values bf16: only a growing cache holds both
+                if cache == "static":
+                    raise ValueError("cache='static' under bf16 compute over float32 weights (model.dtype=bfloat16): "
+                                     "keys and values come out in different dtypes; use 'dynamic' or 'auto'")
+                extra = {}
             else:
                 extra = {"cache_implementation": "static"} if cache != "dynamic" else {}
             out = model.generate(input_ids=ids, attention_mask=am, **gen_kwargs, **extra)
