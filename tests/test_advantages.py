@@ -13,6 +13,7 @@ def test_grpo_hand_computed():
     a = group_advantages(r, g, "grpo", eps=0.0)
     s = math.sqrt(1 / 3)
     expected = [0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s, (2 / 3) / s, -(1 / 3) / s, -(1 / 3) / s]
+    # float64 math, one final float32 rounding: error <= |a| * 2^-24 ~ 7e-8 for |a| <= 1.16, so abs 1e-6 has margin
     assert a.tolist() == pytest.approx(expected, abs=1e-6)
 
 
@@ -21,6 +22,7 @@ def test_grpo_eps_and_interleaved_groups():
     g = torch.tensor([7, 3, 7, 3])  # interleaved order must not matter
     a = group_advantages(r, g, "grpo", eps=1e-6)
     s = math.sqrt(0.5)  # rewards {1,0}: mean .5, unbiased var = .5
+    # float64 math, one final float32 rounding: error <= 0.71 * 2^-24 ~ 4e-8, well inside abs 1e-6
     assert a.tolist() == pytest.approx([0.5 / (s + 1e-6), 0.5 / (s + 1e-6), -0.5 / (s + 1e-6), -0.5 / (s + 1e-6)], abs=1e-6)
 
 
@@ -34,6 +36,7 @@ def test_equal_rewards_and_singletons_give_zero():
 def test_drgrpo_and_rloo():
     r = torch.tensor([1.0, 0.0, 0.0, 0.0])
     g = torch.zeros(4, dtype=torch.long)
+    # float64 math, one final float32 rounding (rel 2^-24 ~ 6e-8): approx's default rel 1e-6 is enough
     assert group_advantages(r, g, "drgrpo").tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
     # rloo: r_i - mean of the others: 1 - 0 = 1; 0 - 1/3
     assert group_advantages(r, g, "rloo").tolist() == pytest.approx([1.0, -1 / 3, -1 / 3, -1 / 3])
@@ -45,6 +48,7 @@ def test_grpo_advantages_sum_to_zero_per_group():
     g = torch.arange(64) // 8
     a = group_advantages(r, g)
     sums = torch.zeros(8).index_add_(0, g, a)
+    # float32: 8 rounded |a| (sum|a| <= sqrt(8 * 7) = 7.5) plus an 8-term float32 sum: worst ~ 9 * 2^-24 * 7.5 = 4e-6 < 1e-5
     assert sums.abs().max() < 1e-5
 
 

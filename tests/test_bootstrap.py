@@ -19,6 +19,7 @@ def test_group_sums_by_hand():
 def test_ratio_ci_pools_tokens_and_stays_inside_the_resample_support():
     num, den = np.array([1.0, 3.0]), np.array([4.0, 4.0])  # groups at 0.25 and 0.75
     v, lo, hi = ratio_ci(num, den, reps=4000, seed=1)
+    # float64 ratios of small integers and percentiles that land on resample values: ~1e-16, approx's default is slack
     assert v == pytest.approx(0.5)  # pooled 4 / 8
     # every resample of 2 groups out of 2: (a,a) 0.25, (a,b) 0.5, (b,a) 0.5, (b,b) 0.75
     support = {float(sum(num[list(p)]) / sum(den[list(p)])) for p in itertools.product(range(2), repeat=2)}
@@ -32,6 +33,7 @@ def test_flip_fractions_by_hand_and_sign_agreement():
     table = {"row": [0, 0, 1, 2, 2], "advantage": [1.0, 1.0, -1.0, 0.5, 0.5],
              "delta_grpo": [0.1, -0.2, -0.3, 0.0, 0.4], "delta_positive_only": [0.1, 0.2, 0.3, 0.0, 0.4]}
     out = flip_fractions_ci(table, np.array([10, 10, 11]), reps=500)
+    # float64 count ratios (error ~1e-16): approx's default rel 1e-6 is slack
     g = out["grpo"]
     assert g["pos"]["boosted"][0] == pytest.approx(2 / 4) and g["pos"]["stable"][0] == pytest.approx(1 / 4)
     assert g["neg"]["suppressed"][0] == pytest.approx(1.0) and g["neg"]["tokens"] == 1
@@ -55,7 +57,7 @@ def test_boost_rates_by_hand_for_every_reading():
     assert out[("neg", "lm_head")]["boost_rate"][0] == 0.0 and out[("neg", "lm_head")]["prompts"] == 2
     # aligned: sign(-0.5) * 0.2 < 0 (not boosted); net weight 0 -> 0 (not boosted)
     assert out[("aligned", "lm_head")]["boost_rate"][0] == 0.0
-    assert out[("aligned", "lm_head")]["mean_boost"] == pytest.approx(-0.1)
+    assert out[("aligned", "lm_head")]["mean_boost"] == pytest.approx(-0.1)  # float64 hand numbers: error ~1e-17
     assert out[("aligned", "full")]["mean_boost"] == pytest.approx(0.1)  # -1 * -0.1
     lo, hi = out[("all", "lm_head")]["boost_rate"][1:]
     assert lo == hi == 1.0  # every prompt's candidate is boosted: no resample differs
@@ -67,6 +69,7 @@ def test_gap_ci_by_hand_and_by_enumerating_resamples():
     b = np.array([True, False, True, True, False, True])
     g = np.array([0, 0, 1, 1, 1, 1])
     gap, lo, hi = gap_ci(v, b, g, reps=4000, seed=2)
+    # float64 means of 0, 0.5, 1 (error ~1e-16; approx(0.0) allows 1e-12): approx's default is slack
     assert gap == pytest.approx(2.0 / 3.0 - 0.25)  # boosted (1 + 0.5 + 0.5) / 3, suppressed (0 + 0.5) / 2
     # the four resamples of 2 groups: (0,0) 1.0, (0,1) and (1,0) 5/12, (1,1) 0.0
     assert lo == pytest.approx(0.0) and hi == pytest.approx(1.0)

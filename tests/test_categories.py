@@ -69,6 +69,7 @@ def test_category_mass_shares_by_hand():
     # "the 12." -> t,h,e reasoning; ' ' format; 1,2 math; '.' format
     recs = _records("the 12.", [0.1, 0.1, 0.2, 0.05, 0.3, -0.4, 0.25])
     r = category_mass(recs, CharTok())
+    # python float64 sums of a few hand deltas (error ~1e-16): approx's default rel 1e-6 only tells categories apart
     assert r["mass"] == pytest.approx({"reasoning": 0.4, "format": 0.3, "math": 0.3})
     assert r["total"] == pytest.approx(1.0)
     assert (r["reasoning"], r["format"], r["math"]) == pytest.approx((0.4, 0.3, 0.3))
@@ -84,6 +85,7 @@ def test_category_mass_compares_two_sets_and_uses_row_context(tmp_path):
     grpo = _records("so x", [0.5, 0.5, 0.0, 0.0], row=0) + _records("answer", [0.1] * 6, row=1)
     pos_only = _records("so x", [0.0, 0.0, 0.0, 0.2], row=0) + _records("answer", [0.3] * 6, row=1)
     res = category_mass({"grpo": grpo[::-1], "positive_only": pos_only}, CharTok())
+    # python float64 on hand deltas (error ~1e-16; parquet keeps float64): approx's default rel 1e-6 is slack
     assert res["grpo"]["reasoning"] == pytest.approx(1.0 / 1.6)
     assert res["grpo"]["format"] == pytest.approx(0.6 / 1.6)
     assert res["positive_only"]["format"] == pytest.approx(1.8 / 2.0)
@@ -124,6 +126,7 @@ def test_polarity_table_gives_both_sets():
              "delta_grpo": [0.2, 0.2, 0.0, 0.1], "delta_positive_only": [0.0, 0.0, 0.5, 0.5]}
     r = category_mass(table, CharTok())
     assert set(r) == {"grpo", "positive_only", "shift"}
+    # python float64 on hand deltas (error ~1e-16): approx's default rel 1e-6 is slack
     assert r["grpo"]["reasoning"] == pytest.approx(0.8) and r["grpo"]["math"] == pytest.approx(0.2)
     assert r["positive_only"]["format"] == pytest.approx(0.5) and r["positive_only"]["math"] == pytest.approx(0.5)
     assert r["shift"]["reasoning"] == pytest.approx(0.8)

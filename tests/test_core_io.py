@@ -5,6 +5,7 @@ the batch file format."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -63,7 +64,9 @@ def test_rollout_step_without_a_trainer(digits_file):
     assert out.cursor == 8 and b.group_id.tolist() == [5, 5, 6, 6, 7, 7]  # group id = stream position
     assert b.prompt_index.tolist() == [i for i in idx for _ in range(2)] and (b.policy_version == 7).all()
     assert calls == [[ps.questions[i] for i in idx for _ in range(2)]]
-    assert b.advantage.tolist() == pytest.approx([0.7071, -0.7071] * 3, abs=1e-3)  # GRPO on (1, 0): +-1/sqrt(2)
+    # GRPO on (1, 0): +-1/sqrt(2), moved 1.4e-6 by the std's eps 1e-6 and 4e-8 by float32 storage (was the 4-digit
+    # literal 0.7071 with abs 1e-3)
+    assert b.advantage.tolist() == pytest.approx([1 / math.sqrt(2), -1 / math.sqrt(2)] * 3, abs=1e-5)
     assert out.tokens == b.num_tokens and out.metrics["reward_mean"] == 0.5
     with pytest.raises(ValueError, match="itself"):
         sampler.sync_weights(torch.nn.Linear(1, 1), 1)

@@ -28,6 +28,7 @@ def test_pass_at_k_equals_brute_force_over_subsets(n):
         for k in range(1, n + 1):
             subsets = list(itertools.combinations(range(n), k))
             hit = sum(1 for s in subsets if min(s) < c)
+            # float64: a <= 7-term fsum of log1p, then expm1: error ~4 u ~ 1e-15; abs 1e-12 is slack
             assert pass_at_k(n, c, k) == pytest.approx(hit / len(subsets), abs=1e-12), (n, c, k)
 
 
@@ -36,7 +37,7 @@ def test_pass_at_k_equals_brute_force_over_subsets(n):
     [(4, 1, 2, 0.5), (4, 0, 2, 0.0), (4, 3, 2, 1.0), (4, 2, 2, 5 / 6), (5, 5, 1, 1.0), (10, 1, 1, 0.1), (32, 8, 1, 0.25)],
 )
 def test_pass_at_k_hand_values(n, c, k, want):
-    assert pass_at_k(n, c, k) == pytest.approx(want, abs=1e-15)
+    assert pass_at_k(n, c, k) == pytest.approx(want, abs=1e-15)  # float64, values <= 1: error <= ~4 u = 4.4e-16
 
 
 def test_pass_at_k_edge_cases_are_exact():
@@ -50,12 +51,14 @@ def test_pass_at_k_large_n_is_stable_and_exact(n, c, k):
     got = pass_at_k(n, c, k)
     assert math.isfinite(got) and 0.0 <= got <= 1.0
     want = float(_exact(n, c, k))
+    # fsum of exact-sum log1p terms (each ~1 ulp; log1p(-k/i) near -1 amplifies to ~1e2 u) then -expm1, which keeps
+    # relative precision: ~1e-14 at worst against the exact fraction; rel 1e-12 leaves 100x
     assert got == pytest.approx(want, rel=1e-12, abs=0), (got, want)
 
 
 def test_pass_at_k_keeps_relative_precision_near_zero():
     # 1 - (1 - 1e-9) must not round to 0 or lose digits
-    assert pass_at_k(10**9, 1, 1) == pytest.approx(1e-9, rel=1e-12)
+    assert pass_at_k(10**9, 1, 1) == pytest.approx(1e-9, rel=1e-12)  # log1p / expm1: a few u relative; 1 - p would lose 9 digits
 
 
 @pytest.mark.parametrize("n,c,k", [(4, 1, 5), (4, 1, 0), (4, 5, 1), (4, -1, 1), (0, 0, 1)])
@@ -70,7 +73,9 @@ def test_pass_at_k_properties(nck):
     n, c, k = nck
     p = pass_at_k(n, c, k)
     assert 0.0 <= p <= 1.0
+    # float64 (as test_pass_at_k_large_n): rel ~1e-14, abs for p ~ 0; rel 1e-9 is slack
     assert p == pytest.approx(float(_exact(n, c, k)), rel=1e-9, abs=1e-15)
+    # monotone up to rounding: each p <= 1 carries <= ~4 u = 4.4e-16 abs, so a 1e-15 slack (the true step is >= 0)
     if c < n:
         assert pass_at_k(n, c + 1, k) >= p - 1e-15  # more correct samples never hurt
     if k < n:
@@ -99,6 +104,7 @@ def test_pass_curve_and_summarize():
     ]
     s = summarize(recs, 2)
     assert s["num_problems"] == 2 and s["n"] == 4 and s["solved_any"] == 2
+    # exact: float64 means of 0/1 scores (approx's default rel 1e-6 is slack)
     assert s["avg@2"] == pytest.approx((0.5 + 1.0) / 2)
     assert s["pass@2"] == pytest.approx((0.5 + 1.0) / 2)
     assert s["pass@1"] == pytest.approx((0.25 + 1.0) / 2)
@@ -129,6 +135,7 @@ def test_evaluate_counts_are_consistent_and_seeded(tiny, digits_file):
         assert r["pass@1"] == r["c"] / 4
         assert 1 <= len(r["responses"]) <= 4 and 0 < r["mean_len"] <= 4
     assert summary["num_problems"] == 6 and summary["n"] == 4 and summary["k"] == 2
+    # float64 means of the same per-problem numbers in another order: ~1e-16 apart; approx's default is slack
     assert summary["avg@2"] == pytest.approx(sum(r["avg@2"] for r in per) / 6)
     assert summary["pass@2"] == pytest.approx(sum(r["pass@2"] for r in per) / 6)
     assert summary["tokens"] == pytest.approx(sum(r["mean_len"] * 4 for r in per))

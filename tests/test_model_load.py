@@ -29,7 +29,7 @@ def test_tiny_random_alias():
     assert next(model.parameters()).dtype == torch.float32
     # same weights as build_tiny() with its default seed
     ref, _ = build_tiny()
-    torch.testing.assert_close(_logits(model, IDS), _logits(ref, IDS), atol=0, rtol=0)
+    torch.testing.assert_close(_logits(model, IDS), _logits(ref, IDS), atol=0, rtol=0)  # exact: same weights, same kernels
 
 
 def test_alias_is_case_insensitive_and_dtype():
@@ -50,7 +50,7 @@ def test_local_dir_roundtrip(tmp_path):
     assert not model2.training and tok2.padding_side == "left"
     a, b = _logits(model, IDS), _logits(model2, IDS)
     assert a.abs().max() > 0
-    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # exact: float32 weights saved losslessly, same kernels
     text = "<|im_start|>user\n2+2?<|im_end|>"
     assert tok2(text)["input_ids"] == tok(text)["input_ids"]
 
@@ -146,5 +146,6 @@ def test_smollm2_load_save_reload(tmp_path):
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     model2, tok2 = load_model(str(out))
     assert tok2("The capital of France is", return_tensors="pt")["input_ids"].tolist() == ids.tolist()
-    torch.testing.assert_close(_logits(model2, ids), a, atol=1e-5, rtol=0)
+    # exact: float32 weights saved losslessly, same kernels in one process (bitwise equal on AVX512, AVX2, SSE; was atol 1e-5)
+    torch.testing.assert_close(_logits(model2, ids), a, atol=0, rtol=0)
     print(f"smollm2 GGUF load {load_s:.1f}s")

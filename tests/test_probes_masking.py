@@ -163,6 +163,7 @@ def test_low_confidence_by_hand():
     low, cut = low_confidence(p5, e, "entropy", 0.5)  # median 2: strictly above it
     assert low.tolist() == [False, False, False, True, True] and cut == 2.0
     low, cut = low_confidence(p5, e, "entropy", 0.8)  # 0.8-quantile: 3.2 (linear interpolation)
+    # float32 quantile of exact integers: 3.2 off by one float32 rounding (rel 6e-8) < approx's default rel 1e-6
     assert low.tolist() == [False, False, False, False, True] and cut == pytest.approx(3.2)
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="probability"):
@@ -181,6 +182,7 @@ def test_sign_aligned_by_hand():
     a = sign_aligned(d, net)
     assert a.tolist() == [0.5, 0.2, -0.3, 0.0]
     st = boost_stats(a)  # boosted: 0.5 and 0.2; a net weight of 0 is not boosted
+    # exact: float64 mean of four hand numbers (error ~1e-17); approx's default rel 1e-6 is slack
     assert st["n"] == 4 and st["boost_rate"] == 0.5 and st["mean_boost"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="shape"):
         sign_aligned(d, net[:3])
@@ -214,6 +216,8 @@ def test_masking_effect_matches_brute_force(tiny, lm_head, tf):
     fn = lm_head_masking if lm_head else full_masking
     out = fn(model, batch, eq2_weights(batch), cands, sets, LR)
     full = brute_step(model, batch, torch.empty(0, dtype=torch.long), lm_head)
+    # float32 path difference: each delta is a difference of two float32 log-probs (|lp| <= 6, ulp 4.8e-7, ~1e-6
+    # each after the V=101 logsumexp) from another update path; measured <= 7e-7 (AVX512, AVX2, SSE)
     for i, c in enumerate(cands.tolist()):
         b, t = int(rows[c]), int(pos[c])
         l_full = _logp(full, batch, b, t)
@@ -221,7 +225,7 @@ def test_masking_effect_matches_brute_force(tiny, lm_head, tf):
         for k, lst in sets.items():
             ref = l_full - _logp(brute_step(model, batch, lst[i], lm_head), batch, b, t)
             assert abs(float(out["delta"][k][i]) - ref) < 1e-5, (k, i, float(out["delta"][k][i]), ref)
-    assert any(abs(float(out["delta"]["same_token"][i])) > 1e-4 for i in range(len(cands)))  # a real effect was tested
+    assert any(abs(float(out["delta"]["same_token"][i])) > 1e-4 for i in range(len(cands)))  # a real effect (10x the tolerance)
     after = _params(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # caller's model untouched
     assert all(p.grad is None for p in model.parameters())
@@ -249,6 +253,8 @@ def test_lm_head_closed_form_delta_all_matches_step(tiny, tf):
     m = untie_lm_head(model)
     sgd_step(m, batch, eq2_weights(batch), LR, params="lm_head")
     ref = (logprobs(m, batch) - logprobs(model, batch))[rows, pos].double()
+    # float32: closed-form head step vs an SGD step, each delta a difference of float32 log-probs (|lp| <= 6,
+    # ulp 4.8e-7); measured <= 1.1e-6
     assert (out["delta_all"] - ref).abs().max() < 1e-5
 
 
@@ -261,6 +267,7 @@ def test_sign_agreement_is_one_when_only_the_head_trains():
     assert summary["sign_agreement"] == 1.0
     d_head = torch.tensor(tables["tokens"]["delta_lm_head"])
     d_full = torch.tensor(tables["tokens"]["delta_full"])
+    # float32: one update by two paths (closed-form head step vs autograd), deltas of float32 log-probs; measured <= 8e-7
     assert (d_head - d_full).abs().max() < 1e-5
     # with only the head trainable the two update kinds give the same masking effects
     c = tables["candidates"]
@@ -295,6 +302,7 @@ def test_masking_probe_tables_and_summary(tiny):
                 assert got is None
                 continue
             assert got["n"] == r[f"n_{mode}"]
+            # the same deltas through another float64 mean (equal here); approx's default rel 1e-6 is slack
             assert got["boost_rate"][0] == pytest.approx(r[f"boost_rate_{mode}"])
             assert got["mean_boost"] == pytest.approx(r[f"mean_boost_{mode}"])
             assert got["boost_rate"][1] <= got["boost_rate"][0] <= got["boost_rate"][2]
@@ -303,6 +311,7 @@ def test_masking_probe_tables_and_summary(tiny):
 def test_boost_stats_and_sign_agreement_by_hand():
     d = torch.tensor([0.5, -0.1, 0.0, 0.2])
     st = boost_stats(d)
+    # float64 mean of float32(-0.1), float32(0.2): off by ~1e-9 relative, inside approx's default rel 1e-6
     assert st == {"n": 4, "boost_rate": 0.5, "mean_boost": pytest.approx(0.15)}
     st = boost_stats(d, torch.tensor([True, True, False, False]))
     assert st["n"] == 2 and st["boost_rate"] == 0.5 and st["mean_boost"] == pytest.approx(0.2)
@@ -366,11 +375,11 @@ def test_every_reading_matches_brute_force(tiny, kw):
                 ref = raw.get((mode, cand, k, q))
                 if ref is None:  # empty set (delta = 0) or not run on the full path
                     assert got == 0.0 or (mode == "full" and not c["in_full"][i]), (mode, cand, k, q, got)
-                else:
+                else:  # float32 deltas of log-probs by another update path, as in test_masking_effect_matches_brute_force
                     assert abs(got - ref) < 1e-5, (mode, cand, k, q, got, ref)
     # non-vacuous: both signs are masked somewhere, and reading (a) differs from (c) somewhere
     assert any(c["set_size_pos"][i] and c["set_size_neg"][i] for i in range(len(c["set"])))
-    assert any(abs(x) > 1e-3 for x in raw.values())
+    assert any(abs(x) > 1e-3 for x in raw.values())  # real effects: 100x the 1e-5 tolerance
     assert {q for q in READINGS if any(r[0] == q for r in stats)} == set(READINGS)
     tol = 1e-5  # float32 noise of the brute-force steps: a |delta| below it has no reliable sign
     assert sum(abs(x) > tol for x in raw.values()) >= 0.8 * len(raw)
@@ -383,6 +392,7 @@ def test_every_reading_matches_brute_force(tiny, kw):
             if x.numel():
                 boosted = round(r[f"boost_rate_{mode}"] * x.numel())
                 assert int((x > tol).sum()) <= boosted <= int((x > -tol).sum()), (q, k, mode, boosted, x)
+                # a mean of deltas each within the per-delta bound above; measured <= 6e-7
                 assert r[f"mean_boost_{mode}"] == pytest.approx(float(x.mean()), abs=tol)
         if r["n_lm_head"]:
             differs |= r["boost_rate_lm_head"] != table[("all", k)]["boost_rate_lm_head"] and q == "aligned"
@@ -396,7 +406,7 @@ def test_every_reading_matches_brute_force(tiny, kw):
         ent = forward_tokens(model, batch)["entropy"][rows, pos]
         low_ref = ent > ent.double().quantile(0.5)  # [N] entropy above the batch median
         assert tables["tokens"]["low_conf"] == low_ref.tolist()
-        assert summary["low_conf_cut"] == pytest.approx(float(ent.double().quantile(0.5)))
+        assert summary["low_conf_cut"] == pytest.approx(float(ent.double().quantile(0.5)))  # same float64 quantile: equal here
         for i, k in enumerate(c["set"]):
             if k in ("low_conf", "same_token&low_conf"):
                 assert bool(low_ref[c["candidate"][i]]) == c["candidate_low_conf"][i]
@@ -415,7 +425,9 @@ def test_full_masking_compose_checks_the_partition(tiny):
     sets = {"all": [M], "a": [M[:1]], "b": [M[1:]], "bad": [M[:2]]}
     out = full_masking(model, batch, eq2_weights(batch), cands, sets, LR, compose={"all": ("a", "b")})
     ref = full_masking(model, batch, eq2_weights(batch), cands, {"all": [M]}, LR)
-    assert abs(float(out["delta"]["all"][0] - ref["delta"]["all"][0])) < 1e-6 and abs(float(ref["delta"]["all"][0])) > 1e-5
+    # float32 path difference: the parts' gradients summed vs one backward over M, then deltas of float32 log-probs
+    # (|lp| ~ 5, ulp 4.8e-7): 1e-6 was 2 ulps, 1e-5 as the brute-force checks (equal here); |delta| = 0.015 >> 1e-5
+    assert abs(float(out["delta"]["all"][0] - ref["delta"]["all"][0])) < 1e-5 and abs(float(ref["delta"]["all"][0])) > 1e-3
     with pytest.raises(ValueError, match="partition"):
         full_masking(model, batch, eq2_weights(batch), cands, sets, LR, compose={"all": ("a", "bad")})
     with pytest.raises(ValueError, match="compose"):
@@ -468,14 +480,16 @@ def test_coupling_and_masking_share_the_lm_head_step(tiny, tf):
     h = lm_head_inputs(model, batch)[rows, pos].double()  # [N, d]
     o, A = batch.response_ids[rows, pos], w[rows, pos].double()
     real = lm_head_grad_step(model, h, o, A, lr=lr)["delta_logp"]  # autograd on W, the model's transform
+    # float32 hidden states, the same head step by closed form and by autograd; measured <= 4e-8, 1e-5 as above
     assert (out["delta_all"] - real).abs().max() < 1e-5
     W, bias, t = lm_head_of(model, dtype=torch.float64)
     pred = predicted_shift(h, W, o, A, lr, bias=bias, temperature=t.temperature, logit_scale=t.logit_scale, softcap=t.softcap)["delta"]
+    # not rounding: first-order prediction vs the step at lr 0.005 (second-order gap 0.9% of max here)
     assert torch.corrcoef(torch.stack([pred, out["delta_all"]]))[0, 1] > 0.99
     assert (pred - out["delta_all"]).abs().max() < 0.05 * out["delta_all"].abs().max()
     if tf:  # the transform changes the step (not vacuous)
         plain = lm_head_masking(tiny[0], batch, w, torch.empty(0, dtype=torch.long), {}, lr)["delta_all"]
-        assert (plain - out["delta_all"]).abs().max() > 1e-3
+        assert (plain - out["delta_all"]).abs().max() > 1e-3  # must differ: 0.055 here, far above float noise
 
 
 def test_masking_probe_passes_chunk_tokens_and_micro_rows(tiny, monkeypatch):
@@ -500,6 +514,8 @@ def test_masking_probe_passes_chunk_tokens_and_micro_rows(tiny, monkeypatch):
     monkeypatch.setattr(mk, "lm_head_inputs", inputs_spy)
     got, _ = masking_probe(model, batch, chunk_tokens=3, micro_rows=2, **kw)
     assert seen == {"chunk_tokens": 3, "micro_rows": 2}
+    # float32 path difference (2-row passes, chunked head) on values <= 0.06 (deltas) and <= ~0.1 (probs): errors
+    # ~ u * |x| * few ~ 1e-8, measured <= 3e-8; 1e-6 leaves 30x
     for col in ("delta_lm_head", "old_prob"):
         assert max(abs(a - b) for a, b in zip(got["tokens"][col], ref["tokens"][col])) < 1e-6
     assert max(abs(a - b) for a, b in zip(got["candidates"]["delta_lm_head"], ref["candidates"]["delta_lm_head"])) < 1e-6

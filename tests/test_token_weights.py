@@ -166,8 +166,9 @@ def test_polarity_advantages_exact():
     assert torch.equal(polarity_advantages(r, "psr"), torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]))
     assert torch.equal(polarity_advantages(r, "nsr"), torch.tensor([0.0, -1.0, 0.0, -1.0, 0.0]))
     w = polarity_advantages(r, "w_reinforce")
-    assert torch.allclose(w, torch.tensor([0.1, -1.0, 0.1, -1.0, 0.1]))
-    assert torch.allclose(polarity_advantages(r, "w_reinforce", lam=0.5)[0], torch.tensor(0.5))
+    # exact: the function writes float(lam) into a float32 tensor, the same single rounding as torch.tensor(0.1)
+    assert torch.equal(w, torch.tensor([0.1, -1.0, 0.1, -1.0, 0.1]))
+    assert torch.equal(polarity_advantages(r, "w_reinforce", lam=0.5)[0], torch.tensor(0.5))
     with pytest.raises(ValueError, match="psr"):
         polarity_advantages(r, "grpo")
 
@@ -238,6 +239,7 @@ def test_dispatcher_values_and_stats():
     adv = torch.tensor([1.0, -1.0])
     w, a, stats = compute_token_weights("forking", entropy=ENT, mask=mask, advantage=adv)
     assert torch.equal(w, forking_mask(ENT, mask, 0.2)) and torch.equal(a, adv)
+    # exact (all three): 0/1 weights sum exactly, then an integer ratio in float64, the same division as the right side
     assert stats["tw_kept_frac"] == pytest.approx(2 / 7)
     assert stats["tw_mean_w_pos"] == pytest.approx(1 / 4)
     assert stats["tw_mean_w_neg"] == pytest.approx(1 / 3)
@@ -280,6 +282,9 @@ def test_dispatcher_resrl_uses_rewards_and_keeps_advantages():
     w, adv, stats = compute_token_weights("resrl", **inp)
     assert torch.equal(adv, inp["advantage"])
     assert stats["resrl_groups"] == 2.0 and stats["resrl_groups_skipped"] == 0.0
-    assert torch.allclose(w[0], torch.full((6,), 0.1)) and torch.allclose(w[2], torch.full((6,), 0.1))
+    # exact: positive rows are set to pos_scale, float32(0.1), the same single rounding as torch.full((6,), 0.1)
+    assert torch.equal(w[0], torch.full((6,), 0.1)) and torch.equal(w[2], torch.full((6,), 0.1))
+    # w is clamped to [float32(0.1), 1]; the 1e-6 slack only absorbs 0.1's float32 rounding (1.5e-9)
     assert torch.all((w[1] >= 0.1 - 1e-6) & (w[1] <= 1.0))
+    # float32 sum of 12 copies of float32(0.1): worst 11 * 2^-24 = 6.6e-7 relative, inside approx's default rel 1e-6
     assert stats["tw_mean_w_pos"] == pytest.approx(0.1)

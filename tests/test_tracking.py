@@ -95,11 +95,12 @@ def test_tensorboard_scalars_equal_metrics_jsonl(tb_run):
         expected = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         assert [s for s, _ in sc[key]] == [s for s, _ in expected], key
         for (_, got), (_, want) in zip(sc[key], expected):
-            assert got == pytest.approx(want, rel=1e-6, abs=1e-7), key  # float32 in the event file
+            # one float32 rounding in the event file: rel <= 2^-24 = 6e-8 (abs for zeros); rel 1e-6 has 17x
+            assert got == pytest.approx(want, rel=1e-6, abs=1e-7), key
     # summary.json's numbers at the last step
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     assert sc["summary/steps"] == [(2, 2.0)]
-    assert sc["summary/reward_last_step"][0][1] == pytest.approx(rows[-1]["reward_mean"], rel=1e-6)
+    assert sc["summary/reward_last_step"][0][1] == pytest.approx(rows[-1]["reward_mean"], rel=1e-6)  # float32 rounding, as above
     assert sc["summary/optimizer_steps"] == [(2, float(summary["optimizer_steps"]))]
 
 
@@ -155,6 +156,7 @@ def test_eval_of_a_run_checkpoint_sends_its_numbers(tb_run, data_file, tmp_path)
     assert main(args) == 0
     ds = json.loads((out / "summary.json").read_text())["datasets"][0]
     sc = _scalars(run_dir)
+    # one float32 rounding of a value in [0, 1]: <= 2^-25 = 3e-8 < abs 1e-7
     assert sc[f"summary/eval/step_2/{ds['name']}/avg@2"] == [(2, pytest.approx(ds["avg@2"], abs=1e-7))]
     assert sc[f"summary/eval/step_2/{ds['name']}/num_problems"] == [(2, 3.0)]
 
@@ -189,7 +191,7 @@ def test_tensorboard_resume_hides_the_killed_tail(data_file, tmp_path, one_threa
     assert [r["step"] for r in rows] == [1, 2, 3]
     # one point per step (the killed run's step 3 and its summary are purged), equal to metrics.jsonl
     assert [s for s, _ in sc["reward_mean"]] == [1, 2, 3]
-    assert [v for _, v in sc["reward_mean"]] == pytest.approx([r["reward_mean"] for r in rows], rel=1e-6)
+    assert [v for _, v in sc["reward_mean"]] == pytest.approx([r["reward_mean"] for r in rows], rel=1e-6)  # float32 event file
     assert sc["summary/steps"] == [(3, 3.0)]
 
 

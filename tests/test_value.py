@@ -34,6 +34,9 @@ from tokencredit.probes.value import (
 # ----------------------------------------------------------------- pure math
 
 
+# pure-math tests below: python float64 on hand numbers (error ~1e-16); approx's default rel 1e-6 only tells formulas apart
+
+
 def test_counterfactual_value_hand_numbers():
     assert counterfactual_value(0.75, 0.5, 0.5) == pytest.approx(0.5)
     assert counterfactual_value(0.2, 0.6, 0.2) == pytest.approx(-0.5)
@@ -83,6 +86,7 @@ def test_eq20_blows_up_for_a_likely_token_and_direct_does_not():
     divides the Monte Carlo difference and its error by 1 - p = 1.1e-4."""
     p, r0, r1, ra = 0.99989, [1.0] * 24, [1.0] * 23 + [0.0], [1.0] * 20 + [0.0] * 4
     e = value_estimates(r0, r1, ra, p)
+    # float64: 1 - p and 1 - 23/24 cancel ~4 and ~1.4 digits (rel error ~1e-12); rel 1e-6 is slack (measured 5e-13)
     assert e["value_eq20"] == pytest.approx((1 / 24) / 1.1e-4, rel=1e-6) and e["value_eq20"] > 300
     assert e["se_eq20"] == pytest.approx(e["se_am"] / 1.1e-4, rel=1e-6) and e["se_eq20"] > 300
     assert e["value_direct"] == pytest.approx(4 / 24) and e["se_direct"] < 0.1
@@ -110,6 +114,7 @@ def test_estimator_gaps_on_the_same_tokens():
 
 
 def test_exclude_token_by_hand():
+    # float32 inputs renormalised in float64: a few roundings (rel ~1e-7) against allclose's rtol 1e-5 / approx's rel 1e-6
     q, mass = exclude_token(torch.tensor([0.5, 0.3, 0.2]), 0)
     assert torch.allclose(q, torch.tensor([0.0, 0.6, 0.4])) and mass == pytest.approx(0.5)
     q, mass = exclude_token(torch.tensor([0.5, 0.3, 0.2]), 2)
@@ -124,6 +129,7 @@ def test_exclude_token_by_hand():
     assert exclude_token(only, 0) == (None, 0.0)
     # the rest's mass comes from the other entries, not from 1 - p (float32 rounds p = 1 - 1e-9 to 1)
     q, mass = exclude_token(torch.tensor([1.0, 1e-9, 3e-9]), 0)
+    # float64 sum of float32(1e-9), float32(3e-9): off 4e-9 by their float32 rounding (rel <= 6e-8) < rel 1e-6
     assert mass == pytest.approx(4e-9, rel=1e-6) and torch.allclose(q, torch.tensor([0.0, 0.25, 0.75]))
 
 
@@ -138,7 +144,8 @@ def test_alternative_first_tokens_follow_the_renormalised_policy():
     pol = torch.bincount(first[n : 2 * n], minlength=3).double() / n
     alt = torch.bincount(first[2 * n :], minlength=3).double() / n
     assert alt[0] == 0  # o_t never drawn in the alternative branch
-    assert torch.allclose(alt, torch.tensor([0.0, 0.6, 0.4], dtype=torch.float64), atol=0.015)  # ~4 sigma
+    # statistical: n = 20000 draws, sd sqrt(0.6 * 0.4 / n) = 0.0035, so 0.015 is 4.3 sigma (fixed seed: deterministic)
+    assert torch.allclose(alt, torch.tensor([0.0, 0.6, 0.4], dtype=torch.float64), atol=0.015)
     assert torch.allclose(pol, probs.double(), atol=0.015)
     # the s_t branch draws come first: the same seed gives the same s_t rows with or without the alternative branch
     torch.manual_seed(0)
@@ -246,6 +253,7 @@ def test_repeat_gaps_relabels_by_cumulative_delta():
             _rec("suppressed", 0.5, delta_repeat=[-0.2, -0.4])]
     g = repeat_gaps(recs)
     assert [r["update"] for r in g] == [1, 2]
+    # exact: float64 means of 0, 0.5, 1 (approx's default is slack; approx(0.0) allows only 1e-12)
     assert g[0]["gap"] == pytest.approx(1.0 - 0.25)  # boosted {1.0}, suppressed {0.0, 0.5}
     assert g[1]["gap"] == pytest.approx(0.5 - 0.5)  # boosted {1.0, 0.0}, suppressed {0.5}
     assert repeat_gaps([_rec("boosted", 1.0)]) == []
@@ -268,6 +276,7 @@ def test_select_tokens_balanced_and_interleaved():
 
 def test_next_token_probs_top_p():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    # float32 softmax of float32 logs: a few ulps (<= 6e-8 measured) against allclose's default rtol 1e-5
     assert torch.allclose(next_token_probs(logits, 1.0), torch.tensor([0.5, 0.3, 0.15, 0.05]))
     assert torch.allclose(next_token_probs(logits, 1.0, top_p=0.7), torch.tensor([0.625, 0.375, 0.0, 0.0]))
     assert torch.equal(next_token_probs(logits, 0.0), torch.tensor([1.0, 0.0, 0.0, 0.0]))
@@ -303,12 +312,13 @@ def test_shared_cache_matches_unshared_paths(tiny):
     ids = torch.cat([prefix.expand(9, -1), first[:, None]], 1)
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits[:, -1]  # [R, V]
+    # float32 path difference: cached prefix + one step vs a full no-cache pass; |z| <= 0.7, measured <= 6e-8
     torch.testing.assert_close(res["shared"]["first_logits"], ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(res["batched"]["first_logits"], ref, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         p_ref = torch.softmax(model(input_ids=prefix[None]).logits[0, -1], -1)[o_t]
     probs1 = next_token_probs(model(input_ids=prefix[None]).logits[0, -1].detach(), 1.0)
-    assert probs1[o_t].item() == pytest.approx(p_ref.item(), rel=1e-5)
+    assert probs1[o_t].item() == pytest.approx(p_ref.item(), rel=1e-5)  # float32 softmax of the same logits: ~u apart
 
 
 def test_modes_agree_with_the_alternative_branch(tiny):
@@ -333,7 +343,9 @@ def test_modes_agree_with_the_alternative_branch(tiny):
     firsts = {m: [t[0] for t in r["tokens"]] for m, r in sampled.items()}
     assert firsts["shared"] == firsts["batched"] == firsts["sequential"] and len(firsts["shared"]) == 15
     assert sampled["shared"]["tokens"] == sampled["batched"]["tokens"]
-    assert all(r["alt_mass"] == pytest.approx(1 - r["p"], abs=1e-6) for r in sampled.values())
+    # alt_mass (float64 sum of the other float32 probs) - (1 - p) is the float32 softmax normaliser's relative error over
+    # V=101 terms: worst ~V u = 6e-6, so abs 1e-5 (1e-6 was ~16 u, the worst case of an 8-lane sum; measured 6e-8)
+    assert all(r["alt_mass"] == pytest.approx(1 - r["p"], abs=1e-5) for r in sampled.values())
     assert o_t not in firsts["shared"][10:]
 
 
@@ -361,8 +373,10 @@ def test_alternative_branch_never_starts_with_o_t(tiny):
     expect = probs.clone().double()
     expect[o_t] = 0
     expect /= expect.sum()
+    # float32 logits by another pass (~1e-7 apart), amplified 20x by T = 0.05, renormalised: measured <= 1.4e-8 on <= 0.39
     torch.testing.assert_close(r["alt_probs"].double(), expect, atol=1e-6, rtol=1e-5)
     freq = torch.bincount(alt, minlength=expect.numel()).double() / M
+    # statistical: 4 binomial sigmas per token, + 1e-3 for tokens whose expected count is ~0 (fixed seed)
     assert ((freq - expect).abs() <= 4 * (expect * (1 - expect) / M).sqrt() + 1e-3).all()
     # under top_p the same truncated distribution as p's, without o_t
     torch.manual_seed(6)
@@ -374,7 +388,7 @@ def test_alternative_branch_never_starts_with_o_t(tiny):
     assert not (alt == o_t).any() and (nucleus[alt] > 0).all()
     expect = nucleus.clone().double()
     expect[o_t] = 0
-    torch.testing.assert_close(r["alt_probs"].double(), expect / expect.sum(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(r["alt_probs"].double(), expect / expect.sum(), atol=1e-6, rtol=1e-5)  # as above
 
 
 def test_p_one_gives_nan_not_a_crash(tiny):
@@ -442,15 +456,17 @@ def test_token_value_on_a_toy_task_with_the_verifier(tiny):
         assert greedy["avg1"] == 0.0 and greedy["value"] == 1.0
     with torch.no_grad():
         p_ref = torch.softmax(model(input_ids=torch.tensor([prompt + resp[:t]])).logits[0, -1], -1)[resp[t]].item()
+    # float32 path difference in the logits (~1e-7) moves p by ~1e-7 relative; rel 1e-5 has margin
     assert sampled["p"] == pytest.approx(p_ref, rel=1e-5)
     assert sampled["avg0"] == 1.0
+    # float64 on the record's averages; its p and p_ref differ ~1e-7 relative, moving 1 / (1 - p) far less than rel 1e-6
     assert sampled["value_eq20"] == pytest.approx((1.0 - sampled["avg1"]) / (1.0 - p_ref))
     assert sampled["value_am"] == pytest.approx(1.0 - sampled["avg1"])
     # direct (the default): Q(s, '7') - Q_-'7'(s) from the third branch, whose first token is never '7'
     assert sampled["estimator"] == "direct" and len(sampled["rewards_alt"]) == 8 and sampled["alt_reason"] is None
     assert sampled["value"] == sampled["value_direct"] == pytest.approx(1.0 - sampled["avg_alt"])
     assert sampled["value_direct"] == pytest.approx(1.0 - sum(sampled["rewards_alt"]) / 8)
-    assert sampled["alt_mass"] == pytest.approx(1.0 - p_ref, abs=1e-6)
+    assert sampled["alt_mass"] == pytest.approx(1.0 - p_ref, abs=1e-5)  # float32 softmax normaliser, as in test_modes_agree
     assert again["rewards1"] == sampled["rewards1"] and again["rewards_alt"] == sampled["rewards_alt"]  # per-token seed
     if greedy["p"] == 0.0:
         assert greedy["value_direct"] == greedy["value_eq20"] == greedy["value_am"] == 1.0
@@ -519,8 +535,10 @@ def test_probe_writes_resumes_and_matches_old_prob(run_dir):
     assert {r["scope"] for r in res["entropy_topk"]} == {"batch"}
     for r in full:
         assert r["entropy_tokens"] == ent.numel() and r["entropy_rank"] == 1 + int((ent > r["entropy"]).sum())
-        assert r["p"] == pytest.approx(r["old_prob"], abs=1e-5)  # right prompt, right model
+        # right prompt, right model: float32 path difference, p <= 1 off by ~p * 1e-6 (measured <= 4e-9)
+        assert r["p"] == pytest.approx(r["old_prob"], abs=1e-5)
         assert len(r["delta_repeat"]) == 2 and r["checkpoint_exact"] is True
+        # float64 arithmetic on the record's own numbers (equal here); approx's default rel 1e-6 is slack
         assert r["value_eq20"] is None or r["value_eq20"] == pytest.approx((r["avg0"] - r["avg1"]) / (1 - r["p"]))
         assert r["value_am"] == pytest.approx(r["avg0"] - r["avg1"])
         assert r["estimator"] == "direct" and r["value"] == r["value_direct"] and r["value_se"] == r["se_direct"]

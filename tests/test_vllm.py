@@ -31,6 +31,9 @@ def _prompts(tok, k=2):
 
 
 def _gap(model, batch, temperature):
+    """Max |trainer log-prob - vLLM's processed log-prob|. Both float32 with other kernels (vLLM's CPU attention
+    and sampler vs forward_tokens): |lp| < 8 has ulp 4.8e-7, measured <= 1.2e-6 (2-3 ulps; AVX512 and AVX2), so
+    the bound 1e-5 used below is ~20 ulps, while an unsynced engine is off by > 0.1."""
     with torch.no_grad():
         lp = forward_tokens(model, batch, temperature=temperature)["logprob"]
     m = batch.response_mask > 0
@@ -120,6 +123,8 @@ def test_three_step_run_trains_and_resumes_bit_identically(tmp_path):
     upd = [r for r in rows if "rollout_logprob_abs_diff_mean" in r]
     assert len(upd) >= 2, "precondition: updates with mixed groups"
     for r in upd:  # synced every update: the trainer recomputes what vLLM sampled
+        # float32 kernel difference as in _gap (measured <= 1e-6; 1e-4 leaves room for 2 trained steps); TIS weights
+        # are exp(that gap), so |mean - 1| <= ~1e-4 < 1e-3
         assert r["rollout_logprob_abs_diff_max"] <= 1e-4 and abs(r["tis_weight_mean"] - 1.0) < 1e-3
     first = build_tiny(**TINY)[0].state_dict()
     assert any(not torch.equal(first[k], v) for k, v in full.model.state_dict().items())  # it trained
@@ -198,8 +203,10 @@ def test_torchrun_two_ranks_one_engine_each_synced_from_fsdp2_shards(tmp_path):
     for a, b in zip(one, two):
         assert a["reward_mean"] == b["reward_mean"]  # the same rows sampled on 1 and 2 ranks
         if "grad_norm" in a:
+            # float32 path difference: 2 ranks sum their rows' gradients then reduce (other order); a norm averages the
+            # entries' relative errors (few u each), measured rel <= 6e-7; rel 1e-5 leaves 17x
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
-            assert b["rollout_logprob_abs_diff_max"] <= 1e-4  # vLLM holds the trainer's (gathered) weights
+            assert b["rollout_logprob_abs_diff_max"] <= 1e-4  # vLLM holds the gathered weights: kernel gap only, as above
 
 
 def test_bf16_compute_gives_a_bf16_engine_synced_from_the_float32_masters(tmp_path):
