@@ -77,5 +77,16 @@ def test_default_yaml_is_the_builtin_default():
 
     from tokencredit.config import Config
 
+    import yaml
+
+    from tokencredit.config import _leaf_paths
+
     f = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
     assert load_config(f) == Config()
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from (leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])
+
+    # every option is written out, none is left to a silent default
+    assert sorted(leaves(yaml.safe_load(f.read_text()))) == sorted(_leaf_paths(Config))

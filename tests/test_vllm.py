@@ -218,3 +218,14 @@ def test_bf16_compute_gives_a_bf16_engine_synced_from_the_float32_masters(tmp_pa
     master = tr.model.lm_head.weight.detach()
     assert master.dtype == torch.float32 and engine["lm_head.weight"].dtype == torch.bfloat16
     assert torch.equal(engine["lm_head.weight"][: master.shape[0]].cpu(), master.to(torch.bfloat16))
+
+
+def test_a_head_size_vllm_cpu_lacks_is_refused_in_one_line_before_the_engine_starts():
+    from tokencredit.config import ConfigError
+    from tokencredit.rollout.vllm import VLLMSampler
+
+    model, tok = build_tiny()  # the built-in tiny-random: hidden 32 / 4 heads = head size 8
+    cfg = load_config(None, SMALL + ["model.name=tiny-random"])
+    with pytest.raises(ConfigError, match="tiny-random has attention head size 8") as e:
+        VLLMSampler(model, tok, cfg)
+    assert "\n" not in str(e.value) and "rollout.backend=hf" in str(e.value)

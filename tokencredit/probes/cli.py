@@ -1,4 +1,5 @@
-"""`tokencredit probe polarity|masking|coupling`: probes of one update on one batch.
+"""`tokencredit probe polarity|masking|coupling|value`: probes of one update on one batch
+(value: Monte Carlo token values over a run's flip records, tokencredit/probes/value.py).
 
 What it does
     polarity  Alg. 2 / Fig. 1(d): the GRPO update and the positive-only update

