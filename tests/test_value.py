@@ -620,3 +620,27 @@ def test_flip_file_without_prompt_index_is_refused(run_dir, tmp_path):
         run_value_probe(d, 1, n_tokens=4, M=2, progress=False)
     assert "flip_step_1.parquet" in str(e.value) and "probes.flip.save_tokens=true" in str(e.value)
     assert not (d / "probes" / "value_step_1.jsonl").exists()
+
+
+def test_probe_scores_with_the_runs_reward_functions(run_dir, tmp_path):
+    """The value probe calls the run's reward.functions as the trainer does (questions included), not
+    math-verify alone: a reward that reads the question gives every continuation 0.25."""
+    import shutil
+
+    from tokencredit.config import dump_config, load_config
+    from tokencredit.probes.value import run_value_probe
+    from tokencredit.rundir import read_jsonl
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    (d / "probes" / "value_step_1.jsonl").unlink(missing_ok=True)
+    rew = tmp_path / "rew.py"
+    rew.write_text("def reward(responses, answers, prompts, **kw):\n"
+                   "    return [0.25 if 'digit' in p else 0.0 for p in prompts]\n")
+    cfg = load_config(d / "config.yaml", [f"reward.functions=[{rew}:reward]"])
+    (d / "config.yaml").write_text(dump_config(cfg))
+    run_value_probe(d, 1, n_tokens=4, M=2, progress=False)
+    recs = read_jsonl(d / "probes" / "value_step_1.jsonl")
+    assert len(recs) == 4
+    for r in recs:
+        assert r["rewards0"] == r["rewards1"] == [0.25, 0.25] and r["value_direct"] in (0.0, None)

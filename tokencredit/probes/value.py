@@ -23,8 +23,9 @@ What it does
     Each record carries all three with standard errors (``value_estimates``),
     and "value" is the one --estimator selects; the gap summaries use it, and
     the result also holds the gap of every estimator on the same tokens.
-    Rewards come from the task's verifier on
-    the whole response (o_<t, o_t, continuation). `tokencredit probe value --run
+    Rewards come from the run's reward functions (reward.functions with
+    reward.weights, math-verify by default), as the trainer scores, on the
+    whole response (o_<t, o_t, continuation). `tokencredit probe value --run
     RUN_DIR --step N` samples equal numbers of boosted and suppressed tokens (Δ log p
     of the update of rollout step N, from probes/flip_step_N.parquet), half
     from rows with A > 0 and half from rows with A < 0, estimates their values
@@ -576,9 +577,13 @@ def token_values(
     estimator: str = "direct",
     progress: bool = False,
     on_result: Callable[[int, dict], None] | None = None,
+    contexts: Sequence[tuple[str, dict]] | None = None,
 ) -> list[dict[str, Any]]:
     """Token values of K tokens: token k is response_ids[k][positions[k]] of a
     response to prompt_ids[k] (ids without padding), scored against answers[k].
+    verifier(texts, answers) -> rewards; with `contexts` [K] ((question, extra
+    fields) of each token's problem) it is called as verifier(texts, answers,
+    questions, extras), as the trainer calls the run's reward functions.
 
     max_new_tokens: the response budget of the run (rollout.max_new_tokens);
     continuations from s_t get max_new_tokens - t tokens. `rows` [K] only
@@ -620,7 +625,11 @@ def token_values(
             br = branch_continuations(model, prefix, resp[t], M, max_new_tokens=budget, temperature=temperature, top_p=top_p,
                                       eos_ids=eos_ids, pad_id=pad_id, mode=mode)
         texts = tokenizer.batch_decode([resp[:t] + c for c in br["tokens"]], skip_special_tokens=True)
-        r = [float(x) for x in verifier(texts, [answers[k]] * len(texts))]  # [2M + n_alt]
+        args: tuple = (texts, [answers[k]] * len(texts))
+        if contexts is not None:
+            q, extra = contexts[k]
+            args += ([q] * len(texts), {c: [v] * len(texts) for c, v in extra.items()})
+        r = [float(x) for x in verifier(*args)]  # [2M + n_alt]
         est = value_estimates(r[:M], r[M : 2 * M], r[2 * M :], br["p"])
         lens = [t + len(c) for c in br["tokens"]]
         res = {
@@ -864,7 +873,7 @@ def run_value_probe(
 
     if todo:
         from tokencredit.data.promptset import build_prompt_set
-        from tokencredit.rewards import MathVerifier
+        from tokencredit.rewards.functions import start_reward_functions
 
         load_model_into(ctx)
         model, tok = ctx.model, ctx.tokenizer
@@ -909,7 +918,11 @@ def run_value_probe(
             append_jsonl(out, [rec])  # one line per token, flushed as it finishes
             result["written"] += 1
 
-        verifier = MathVerifier(timeout_s=1)
+        rewards = start_reward_functions(cfg.reward)  # the run's reward functions, as the trainer scores
+
+        def verifier(texts, answers, questions, extras):
+            return rewards(texts, answers, questions, extras)[0]
+
         try:
             token_values(
                 model, tok,
@@ -920,9 +933,11 @@ def run_value_probe(
                 M, verifier, max_new_tokens or cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p, seed=seed, rows=[int(cols["row"][i]) for i, _, _ in todo], mode=mode,
                 estimator=estimator, progress=progress, on_result=write,
+                contexts=[(prompt_set.questions[pidx[int(cols["row"][i])]], prompt_set.extras[pidx[int(cols["row"][i])]])
+                          for i, _, _ in todo],
             )
         finally:
-            verifier.close()
+            rewards.close()
 
     recs = read_jsonl(out)
     result["M"], result["estimator"] = M, estimator
