@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install install-vllm replicate clean
+.PHONY: demo test install install-vllm install-bench replicate clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,14 @@ $(VLLM_STAMP): $(STAMP)
 	touch $(VLLM_STAMP)
 
 install-vllm: $(VLLM_STAMP)
+
+# bench/vs_trl.py's opponent (the [bench] extra: trl==1.16.0 and its datasets); tests/test_scripts_smoke.py runs it
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+install-bench: $(BENCH_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/tokencredit train

@@ -12,8 +12,8 @@ token normaliser is ours), the same number of optimizer steps, and a reward
 function that calls our `MathVerifier` in both (so scoring is identical).
 TRL uses HF `generate` (no vLLM), fp32, no gradient checkpointing (its
 default is on), checkpointing off; tokencredit uses `batching.planner=random`,
-no reward-balanced buffer, no evaluation, and its `Trainer.save` is stubbed
-out so neither side writes checkpoints. A third row runs tokencredit with the
+no reward-balanced buffer, no evaluation, checkpoints only at the end (after
+the timed loop; TRL's side writes none). A third row runs tokencredit with the
 flip probe after every update (`probes.flip.every=1`) to show its overhead.
 
 How: each framework runs in its own subprocess (`--worker`), with `--threads`
@@ -23,19 +23,23 @@ torch threads and the same seeds. The default is 1 thread: on a shared
 optimizer step:
 
     generate  HF generate + prompt tokenisation + decoding
-              (TRL: `GRPOTrainer._generate`; ours: `generate_hf` as the trainer calls it)
-    score     the reward function (TRL: `_calculate_rewards`; ours: `Trainer.verifier`)
+              (TRL: `GRPOTrainer._generate`; ours: the metrics row's `generate` phase)
+    score     the reward function (TRL: `_calculate_rewards`; ours: phase `reward`)
     update    the rest of the step: advantages, any extra no-grad forward (ours:
-              `Trainer._forward_rows` asked for entropies, i.e. the old log-probs,
-              also shown as its own column), forward + backward, optimizer
-    probe     ours only: the flip probe's forward (`_forward_rows` without entropies)
-    step      TRL: `on_step_begin` -> `on_step_end` callbacks; ours: `Trainer.rollout`
-              -> the step's metrics row
+              phase `old_logprob`, also shown as its own column), forward +
+              backward, optimizer
+    probe     ours only: the flip probe's forwards (phase `flip_probe`)
+    step      TRL: `on_step_begin` -> `on_step_end` callbacks; ours: phase `step`
+
+Ours come from the run's metrics.jsonl, where every phase has wall and
+process-CPU seconds (tokencredit/timing.py): nothing of the package is patched.
+TRL's side wraps methods of the pinned TRL version.
 
 each in wall-clock and in process CPU seconds (the latter is much less
 sensitive to other jobs on a shared machine), plus the generated tokens
 (response tokens up to and including EOS, counted from what generate
-returned), the whole `train()` wall time, and peak resident memory: of the
+returned), the whole loop's wall time (TRL: `train()`; ours: its steps, since
+its final checkpoint falls outside them), and peak resident memory: of the
 whole process (`ru_maxrss`, model loading included; the models are saved by
 a separate child first so that no worker inherits a large parent's peak) and
 during training only (VmHWM, reset with /proc/self/clear_refs after the model
@@ -52,6 +56,7 @@ Try it:
     .venv/bin/python bench/vs_trl.py                                  # full table -> docs/results/vs_trl.md
     .venv/bin/python bench/vs_trl.py --models tiny --tiny-steps 4 --out /tmp/vs_trl.md
     .venv/bin/python bench/vs_trl.py --models tiny --profile /tmp/prof   # cProfile each worker
+    .venv/bin/python bench/vs_trl.py --smoke                           # seconds: the CI check (tests/test_scripts_smoke.py)
 
 Needs `pip install trl==1.16.0` (a benchmark-only dependency; it brings `datasets`).
 """
@@ -195,50 +200,36 @@ def worker_tokencredit(spec: dict) -> dict:
         "output.root": str(run.parent),
         "output.run_name": run.name,
         "output.save_every": 0,
+        "output.save_final": False,
         "output.progress": False,
     }
     cfg = load_config(None, [f"{k}={v}" for k, v in ov.items()])
-    Trainer.save = lambda self: None  # no checkpoints on either side (TRL: save_strategy="no")
     t0 = time.perf_counter()
     tr = Trainer(cfg)
     load_s = time.perf_counter() - t0
-
-    import tokencredit.trainer as tmod
-
-    clock = StepClock()
-
-    def count(batch, a, k):
-        clock.cur["tokens"] += batch.num_tokens  # response tokens, EOS included
-        clock.cur["prompts"] = _fingerprint(list(a[2]))
-
-    def reward(out, a, k):
-        rewards = out[0]  # the verifier returns (rewards, per-function stats)
-        clock.cur["reward"] = sum(rewards) / max(len(rewards), 1)
-
-    tmod.generate_hf = clock.wrap("generate", tmod.generate_hf, count)
-    tr.verifier = clock.wrap("score", tr.verifier, reward)
-    fwd = tr._forward_rows
-    old_fwd, probe_fwd = clock.wrap("old_logprob", fwd), clock.wrap("probe", fwd)
-    # the update's no-grad forward asks for entropies; the flip probe's does not
-    tr._forward_rows = lambda b, **kw: (old_fwd if kw.get("with_entropy") else probe_fwd)(b, **kw)
-    rollout, log_row = tr.rollout, tr._log
-
-    def begin_step():
-        clock.begin()
-        return rollout()
-
-    def end_step(row):
-        log_row(row)
-        if "time_step_s" in row:
-            clock.end()
-
-    tr.rollout, tr._log = begin_step, end_step
     rss_after_load = _vm("VmRSS")
     hwm_ok = _reset_peak_rss()
-    t0 = time.perf_counter()
     tr.train()
-    wall = time.perf_counter() - t0
-    return {"steps": clock.steps, "wall_s": wall, "load_s": load_s, "rss_after_load_mb": rss_after_load,
+    # per-step phases from the run's own metrics rows (wall and process-CPU seconds, tokencredit/timing.py):
+    # no function of the package is patched
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if "time_step_s" in r]
+    k = spec["prompts"]
+    steps = []
+    for i, r in enumerate(rows):
+        row = {"tokens": int(r["gen_tokens"]), "reward": r["reward_mean"],
+               "prompts": _fingerprint([tr.prompt_set.prompts[j] for j in tr.prompt_set.indices(i * k, k)])}
+        for clock, sfx in (("time", ""), ("cpu", "_cpu")):
+            ph = {"generate": r[f"{clock}_generate_s"], "score": r[f"{clock}_reward_s"],
+                  "old_logprob": r.get(f"{clock}_old_logprob_s", 0.0), "probe": r.get(f"{clock}_flip_probe_s", 0.0)}
+            step = r[f"{clock}_step_s"]
+            row.update({name + sfx: v for name, v in ph.items()})
+            row["step" + sfx] = step
+            row["update" + sfx] = step - ph["generate"] - ph["score"] - ph["probe"]
+        steps.append(row)
+    # the loop's wall time: the steps (the final checkpoint, which the TRL side does not write, is not counted)
+    wall = sum(r["time_step_s"] for r in rows)
+    return {"steps": steps, "wall_s": wall, "load_s": load_s, "rss_after_load_mb": rss_after_load,
             "peak_train_mb": _vm("VmHWM") if hwm_ok else float("nan"), "peak_process_mb": _peak_rss_mb()}
 
 
@@ -465,6 +456,8 @@ def main() -> int:
     ap.add_argument("--profile", default=None, metavar="DIR", help="cProfile each worker into DIR/<label>.prof")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "vs_trl.md"))
     ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, 2 steps, 2 prompts x 2, 4 new tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py)")
     ap.add_argument("--worker", choices=["tokencredit", "trl", "prep"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -472,6 +465,15 @@ def main() -> int:
         res = run_worker(a.worker, json.loads(a.spec))
         print(MARK + json.dumps(res), flush=True)
         return 0
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("vs_trl: TRL is not installed, nothing to compare against: pip install -e '.[bench]' (trl==1.16.0)")
+        return 0 if a.smoke else 1
+    if a.smoke:
+        a.models, a.tiny_steps, a.prompts, a.group, a.max_new_tokens = "tiny", 2, 2, 2, 4
+        if a.out == ap.get_default("out"):
+            a.out = str(Path(tempfile.mkdtemp(prefix="vs_trl-smoke-")) / "vs_trl.md")
 
     load_before = os.getloadavg()
     raw: dict = {}
@@ -519,10 +521,10 @@ Command: `{cmd.strip()}`
 Settings on both sides: {a.prompts} prompts x {a.group} generations per step (one generate call, one optimizer step per
 step), max {a.max_new_tokens} new tokens, temperature 1.0, top-p 1.0, lr {a.lr}, constant schedule, AdamW (0.9, 0.999),
 grad clip 1.0, clip eps 0.2 / 0.28, beta = 0 (no KL, no reference model), token-mean loss (TRL `loss_type="dapo"`),
-fp32, no gradient checkpointing, no checkpoints written, same chat-templated prompts (built-in arithmetic, seed {a.seed},
+fp32, no gradient checkpointing, no checkpoints inside the timed loop, same chat-templated prompts (built-in arithmetic, seed {a.seed},
 difficulty 1, in order), reward = tokencredit `MathVerifier` in both. See bench/vs_trl.py for how each column is timed.
 Prompts checked identical step by step on all rows (hash of the rendered prompts).
-Per-step columns are means over steps 2..N (step 1 is warm-up) when N >= 3; "whole loop" = all generated tokens / `train()` wall time.
+Per-step columns are means over steps 2..N (step 1 is warm-up) when N >= 3; "whole loop" = all generated tokens / the loop's wall time (TRL: `train()`; ours: the sum of the steps, without the final checkpoint).
 Ratio rows ("TRL / ours"): times are TRL / ours (> 1: we are faster); throughput (bold) is ours / TRL (> 1: we are
 faster); memory is TRL / ours (> 1: we use less).
 

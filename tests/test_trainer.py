@@ -200,3 +200,25 @@ def test_resrl_weights_do_not_depend_on_scope_or_planner_cuts(digits_file, tmp_p
     for s in states[1:]:
         for n in s:
             assert torch.equal(states[0][n], s[n]), n
+
+
+def test_every_phase_reports_wall_and_cpu_seconds_that_add_up(digits_file, tmp_path):
+    """time_<phase>_s and cpu_<phase>_s (tokencredit/timing.py) for every phase of a step; the phases are
+    disjoint intervals inside the step, so both clocks' parts add up to at most the step's total
+    (process CPU time is additive over disjoint intervals, as wall time is)."""
+    cfg = load_config(None, tiny_overrides(digits_file, tmp_path, **{"output.run_name": "clocks", "probes.flip.every": 1,
+                                                                     "token_weights.method": "forking"}))
+    tr = Trainer(cfg)
+    tr.train()
+    rows = [r for r in _metrics(tr.run_dir) if "time_step_s" in r]
+    phases = ("generate", "reward", "old_logprob", "update", "flip_probe")  # token_weights is inside update
+    trained = [r for r in rows if "time_update_s" in r]
+    assert trained, "precondition: an update happened"
+    for r in trained:
+        for p in (*phases, "token_weights", "step"):
+            assert r[f"time_{p}_s"] >= 0 and r[f"cpu_{p}_s"] >= 0, p
+        for clock in ("time", "cpu"):
+            assert sum(r[f"{clock}_{p}_s"] for p in phases) <= r[f"{clock}_step_s"], (clock, r)
+        assert r["time_token_weights_s"] <= r["time_update_s"] and r["cpu_token_weights_s"] <= r["cpu_update_s"]
+        assert r["cpu_generate_s"] > 0 and r["gen_tokens"] == r["response_len_mean"] * 32  # 4 prompts x 8 rows
+    assert sum(r["gen_tokens"] for r in rows) == tr.tokens_generated

@@ -51,6 +51,7 @@ from tokencredit.model.precision import HALF, check_compute_dtype, master_dtype,
 from tokencredit.probes.flip import flip_records, flip_stats
 from tokencredit.rollout import make_sampler, rollout_step
 from tokencredit.rundir import append_jsonl, read_jsonl, write_jsonl, write_parquet
+from tokencredit.timing import Stopwatch, phase_metrics
 from tokencredit.tracking import Tracker, open_trackers, require_extras
 from tokencredit.update import LossSpec, loss_normaliser, micro_batches, optimizer_step
 
@@ -249,16 +250,16 @@ class Trainer:
         cfg, tw = self.cfg, self.cfg.token_weights
         gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + self.policy_version)
         stats: dict[str, list[float]] = {}
-        t0 = time.perf_counter()
+        sw = Stopwatch()
         self._pre_update_forward(batch, need_hidden=tw.method == "resrl")  # old_logprob, entropy (, hidden)
-        t_fwd, t_tw = time.perf_counter() - t0, 0.0
+        t_fwd, t_tw = sw.lap(), (0.0, 0.0)
         gap = self._sampler_correction(batch)  # sampler vs trainer log-probs (+ TIS weights) when the sampler reports them
         self.sampler.sleep()
         # weigh: once over the update set (ResRL's subspaces are per whole group: always), or per cut below
         scope = "rollout-batch" if tw.method == "resrl" else tw.scope
         if scope == "rollout-batch":
-            t_tw += self._weigh(batch, gen, stats)
-        t0, mb_metrics = time.perf_counter(), {}
+            t_tw = _add(t_tw, self._weigh(batch, gen, stats))
+        sw, mb_metrics = Stopwatch(), {}
         for epoch in range(cfg.train.ppo_epochs):
             plan = self.planner(batch.group_id, batch.advantage, batch.response_lengths, rows_per_minibatch(cfg), gen)  # plan
             if epoch == 0:
@@ -266,10 +267,11 @@ class Trainer:
             for rows in plan:
                 mini = batch.select(rows)
                 if scope == "mini-batch":
-                    t_tw += self._weigh(mini, gen, stats)
+                    t_tw = _add(t_tw, self._weigh(mini, gen, stats))
                 micros = micro_batches(mini, cfg.train.micro_batch_size)
                 if scope == "micro-batch":
-                    t_tw += sum(self._weigh(u, gen, stats) for u in micros)
+                    for u in micros:
+                        t_tw = _add(t_tw, self._weigh(u, gen, stats))
                 micros, dp = self._rank_share(micros)
                 st = optimizer_step(  # step: one normaliser for the whole mini-batch
                     self.model, self.optimizer, micros, self.loss_spec, temperature=cfg.rollout.logprob_temperature,
@@ -280,7 +282,7 @@ class Trainer:
                     stats.setdefault(k, []).extend(v)
                 self.scheduler.step()
                 self.optim_steps += 1
-        t_upd = time.perf_counter() - t0
+        t_upd = sw.lap()  # the planned optimizer steps (token weights included)
         self.policy_version += 1
         self.sampler.sync_weights(self.model, self.policy_version)
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
@@ -292,9 +294,9 @@ class Trainer:
             "update_rows": float(len(batch)),
             "update_pos_rows": float((batch.advantage > 0).sum()),
             "update_neg_rows": float((batch.advantage < 0).sum()),
-            "time_old_logprob_s": t_fwd,
-            "time_update_s": t_upd,
-            "time_token_weights_s": t_tw,
+            **phase_metrics("old_logprob", t_fwd),
+            **phase_metrics("update", t_upd),
+            **phase_metrics("token_weights", t_tw),
             "lr": self.scheduler.get_last_lr()[0],
         })
         return out
@@ -332,13 +334,13 @@ class Trainer:
             out["tis_capped_frac"] = float((batch.ratio_weight[valid] >= a.tis_cap).float().mean()) if valid.any() else float("nan")
         return out
 
-    def _weigh(self, rows: RolloutBatch, gen: torch.Generator, stats: dict[str, list[float]]) -> float:
+    def _weigh(self, rows: RolloutBatch, gen: torch.Generator, stats: dict[str, list[float]]) -> tuple[float, float]:
         """Set rows.token_weight and rows.advantage (token_weights.method over these
-        rows); stats accumulate; returns the seconds it took."""
+        rows); stats accumulate; returns the (wall, CPU) seconds it took."""
         tw = self.cfg.token_weights
         if tw.method == "none":
-            return 0.0
-        t = time.perf_counter()
+            return 0.0, 0.0
+        sw = Stopwatch()
         rows.token_weight, rows.advantage, st = compute_token_weights(
             tw.method, entropy=rows.entropy, mask=rows.response_mask, advantage=rows.advantage, rewards=rows.reward,
             group_id=rows.group_id, hidden=rows.hidden, is_positive=rows.advantage > 0, generator=gen,
@@ -346,7 +348,7 @@ class Trainer:
         )
         for k, v in st.items():
             stats.setdefault(k, []).append(float(v))
-        return time.perf_counter() - t
+        return sw.lap()
 
     def _update_set(self, batch: RolloutBatch, m: dict[str, float]) -> RolloutBatch | None:
         """The rows this rollout step trains on: the batch, or what the reward-balanced
@@ -368,22 +370,22 @@ class Trainer:
         every = self.cfg.probes.flip.every
         if every <= 0 or (self.policy_version + 1) % every != 0:
             return None
-        t = time.perf_counter()
-        return self._forward_rows(batch, with_entropy=False)["logprob"], time.perf_counter() - t
+        sw = Stopwatch()
+        return self._forward_rows(batch, with_entropy=False)["logprob"], sw.lap()
 
-    def _flip_probe(self, batch: RolloutBatch, before: torch.Tensor, t_before: float) -> dict[str, float]:
+    def _flip_probe(self, batch: RolloutBatch, before: torch.Tensor, t_before: tuple[float, float]) -> dict[str, float]:
         """Token-flip statistics of the update just applied: Delta log p of every
         token of the update set on the same forward path as `before` [B, T];
         per-token records to probes/flip_step_N.parquet with probes.flip.save_tokens."""
         pf = self.cfg.probes.flip
-        t = time.perf_counter()
+        sw = Stopwatch()
         delta = self._forward_rows(batch, with_entropy=False)["logprob"] - before  # [B, T]
         out = flip_stats(delta, batch.advantage, batch.response_mask, pf.eps)
         if pf.save_tokens and self.dist.main:
             rec = flip_records(delta, batch.advantage, batch.response_mask, batch.response_ids, batch.entropy, before,
                                self.policy_version, group_id=batch.group_id, prompt_index=batch.prompt_index)
             write_parquet(self.run_dir / "probes" / f"flip_step_{self.rollout_step}.parquet", rec)
-        out["time_flip_probe_s"] = t_before + time.perf_counter() - t
+        out.update(phase_metrics("flip_probe", _add(t_before, sw.lap())))
         return out
 
     # ---------------------------------------------------------------- eval
@@ -418,7 +420,7 @@ class Trainer:
         t_start = time.perf_counter()
         tokens_at_start = self.tokens_generated
         while self.rollout_step < total:
-            t0 = time.perf_counter()
+            sw = Stopwatch()
             batch, m = self.rollout()
             self.rollout_step += 1
             if self.first_reward is None:
@@ -432,8 +434,8 @@ class Trainer:
                     m.update(self._flip_probe(update_set, *before))
             else:
                 m["skipped_update"] = 1.0
-            step_time = time.perf_counter() - t0
-            m["time_step_s"] = step_time
+            step_time, step_cpu = sw.peek()
+            m.update(phase_metrics("step", (step_time, step_cpu)))
             if "time_flip_probe_s" in m:
                 m["flip_probe_share"] = m["time_flip_probe_s"] / step_time
             m["tokens_per_s"] = (self.tokens_generated - tokens_at_start) / max(time.perf_counter() - t_start, 1e-9)
@@ -570,6 +572,11 @@ class Trainer:
             print(f"tokencredit: {msg}", flush=True)
         self.sampler.sync_weights(self.model, self.policy_version)
         log.info("resumed from %s (rollout step %d)", ck, self.rollout_step)
+
+
+def _add(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    """(wall, CPU) seconds added up."""
+    return a[0] + b[0], a[1] + b[1]
 
 
 def _check_world(cfg: Config, world: int) -> None:

@@ -10,7 +10,6 @@ index in the prompt set), so any later reader can find a row's prompt.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from tokencredit.batch import RolloutBatch
 from tokencredit.batching import groups_with_signal
 from tokencredit.data.promptset import PromptSet
 from tokencredit.rewards.functions import merge_stats
+from tokencredit.timing import Stopwatch, phase_metrics
 
 
 @dataclass
@@ -57,6 +57,10 @@ def groups_all_equal(batch: RolloutBatch) -> float:
     return sum(eq) / max(len(eq), 1)
 
 
+def _add(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return a[0] + b[0], a[1] + b[1]
+
+
 def rollout_step(sampler, prompts: PromptSet, verifier, cfg, *, cursor: int, policy_version: int) -> RolloutOutput:
     """prompts_per_step prompts x n responses from position `cursor` of the prompt
     stream, or, with rollout.dynamic_sampling, as many rounds (<= max_gen_rounds)
@@ -64,17 +68,17 @@ def rollout_step(sampler, prompts: PromptSet, verifier, cfg, *, cursor: int, pol
     advantage. Group ids are the prompts' stream positions."""
     r = cfg.rollout
     k = r.prompts_per_step
-    rounds, t_gen, t_rew, parts, rparts, useful = 0, 0.0, 0.0, [], [], 0
+    rounds, t_gen, t_rew, parts, rparts, useful = 0, (0.0, 0.0), (0.0, 0.0), [], [], 0
     while True:
         idx = prompts.indices(cursor, k)
-        t0 = time.perf_counter()
+        sw = Stopwatch()
         batch = sampler.generate([prompts.prompts[i] for i in idx], [prompts.answers[i] for i in idx], group_offset=cursor,
                                  policy_version=policy_version)
-        t1 = time.perf_counter()
+        g = sw.lap()
         rst = score(batch, idx, prompts, verifier, cfg, policy_version)
-        t2 = time.perf_counter()
+        rw = sw.lap()
         cursor += len(idx)
-        rounds, t_gen, t_rew = rounds + 1, t_gen + t1 - t0, t_rew + t2 - t1
+        rounds, t_gen, t_rew = rounds + 1, _add(t_gen, g), _add(t_rew, rw)
         parts.append(batch)
         rparts.append((len(batch), rst))
         if not r.dynamic_sampling:
@@ -89,9 +93,10 @@ def rollout_step(sampler, prompts: PromptSet, verifier, cfg, *, cursor: int, pol
         "response_len_mean": ntok / len(sampled),
         "finished_frac": sum(sampled.finished) / len(sampled),
         "groups_all_equal": float(groups_all_equal(sampled)),
-        "time_generate_s": t_gen,
-        "time_reward_s": t_rew,
-        "gen_tokens_per_s": ntok / max(t_gen, 1e-9),
+        **phase_metrics("generate", t_gen),
+        **phase_metrics("reward", t_rew),
+        "gen_tokens": float(ntok),  # response tokens sampled this step (EOS included), every round
+        "gen_tokens_per_s": ntok / max(t_gen[0], 1e-9),
         **merge_stats(rparts),  # reward/<name>/mean over every sampled row, reward/<name>/failures
     }
     if not r.dynamic_sampling:
