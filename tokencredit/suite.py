@@ -145,11 +145,11 @@ def sample_chunk(model, tokenizer, prompts: Sequence[str], seeds: Sequence[Seque
     import torch
     from transformers import LogitsProcessorList
 
-    from tokencredit.rollout.hf import _eos_ids, _shared_prompt_cache, response_mask_from_ids
+    from tokencredit.rollout.hf import eos_token_ids, _shared_prompt_cache, response_mask_from_ids
 
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(tokenizer, model)
+    eos_ids = eos_token_ids(tokenizer, model)
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     reps = torch.tensor([len(s) for s in seeds])
     ids = enc["input_ids"].repeat_interleave(reps, dim=0).to(device)  # (R, P), R = sum of samples

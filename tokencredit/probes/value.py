@@ -236,7 +236,7 @@ def estimator_gaps(records: Sequence[dict], n_boot: int = 1000, seed: int = 0) -
     undefined) -> {"by_estimator": {name: split_gap on value_<name>} over the
     records where all three are finite, "n_common": their number,
     "undefined": {name: records where value_<name> is not finite}}."""
-    vals = [{e: _f64(r.get(f"value_{e}")) for e in ESTIMATORS} for r in records]
+    vals = [{e: as_float(r.get(f"value_{e}")) for e in ESTIMATORS} for r in records]
     common = [(r, v) for r, v in zip(records, vals) if all(math.isfinite(x) for x in v.values())]
     return {
         "by_estimator": {e: split_gap([{"kind": r.get("kind"), "value": v[e]} for r, v in common], n_boot=n_boot, seed=seed)
@@ -314,7 +314,7 @@ def entropy_topk_gaps(
     Returns one split_gap dict per k, plus "k", "n" (records in the subset),
     "cutoff" (NaN unless given) and "scope" ("batch" or "valued").
     """
-    rs = [r for r in records if r.get("value") is not None and np.isfinite(_f64(r.get("entropy"))) and np.isfinite(r["value"])]
+    rs = [r for r in records if r.get("value") is not None and np.isfinite(as_float(r.get("entropy"))) and np.isfinite(r["value"])]
     if cutoffs is not None and len(cutoffs) != len(ks):
         raise ValueError(f"entropy_topk_gaps: {len(cutoffs)} cutoffs for {len(ks)} values of k")
     ranked = cutoffs is None and bool(rs) and all(r.get("entropy_rank") is not None and r.get("entropy_tokens") for r in rs)
@@ -338,7 +338,8 @@ def entropy_topk_gaps(
     return out
 
 
-def _f64(v: Any) -> float:
+def as_float(v: Any) -> float:
+    """float(v), NaN for None or anything not a number (JSON null in value records)."""
     try:
         return float(v)
     except (TypeError, ValueError):
@@ -600,11 +601,11 @@ def token_values(
     """
     from tqdm.auto import tqdm
 
-    from tokencredit.rollout.hf import _eos_ids
+    from tokencredit.rollout.hf import eos_token_ids
 
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    eos_ids = _eos_ids(tokenizer, model)
+    eos_ids = eos_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     rows = list(rows) if rows is not None else list(range(len(positions)))
     results = []
@@ -855,7 +856,7 @@ def run_value_probe(
     done_keys = {(r["row"], r["position"]) for r in done}
 
     # Fig. 5b: the whole update batch's response-token entropies (every flip record is one response token)
-    batch_entropy = np.asarray([_f64(x) for x in cols.get("entropy", [])], dtype=np.float64)  # [N]
+    batch_entropy = np.asarray([as_float(x) for x in cols.get("entropy", [])], dtype=np.float64)  # [N]
     batch_mask = np.isfinite(batch_entropy).astype(np.float64)  # [N] tokens without an entropy are left out
     picks = select_tokens(cols["delta"], cols["advantage"], n_tokens, eps=cfg.probes.flip.eps, seed=seed)
     todo = [(i, kind, sign) for i, kind, sign in picks if (int(cols["row"][i]), int(cols["position"][i])) not in done_keys]

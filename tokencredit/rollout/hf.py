@@ -22,7 +22,8 @@ from tokencredit.model.precision import HALF, compute_autocast, compute_dtype
 HF_CACHES = ("auto", "dynamic", "static")
 
 
-def _eos_ids(tokenizer, model) -> list[int]:
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Every token id that ends a response: the generation config's EOS id(s) and the tokenizer's."""
     ids = set()
     for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         if isinstance(src, int):
@@ -116,7 +117,7 @@ def generate_hf(
         raise ValueError(f"cache must be one of {', '.join(HF_CACHES)}, got {cache!r}")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(tokenizer, model)
+    eos_ids = eos_token_ids(tokenizer, model)
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     prompt_ids = enc["input_ids"].repeat_interleave(n, dim=0)  # [B, P]
     prompt_mask = enc["attention_mask"].repeat_interleave(n, dim=0)

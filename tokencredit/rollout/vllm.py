@@ -46,7 +46,7 @@ import torch
 
 from tokencredit.batch import RolloutBatch
 from tokencredit.config import ConfigError
-from tokencredit.rollout.hf import _eos_ids, response_mask_from_ids
+from tokencredit.rollout.hf import eos_token_ids, response_mask_from_ids
 
 INSTALL_HINT = "make install-vllm (pip install -e '.[vllm]', then pip uninstall -y torchvision torchaudio torchcodec)"
 CPU_KV_CACHE_GIB = 1.0
@@ -120,7 +120,7 @@ class VLLMSampler:
         r = cfg.rollout
         self.tokenizer, self.r = tokenizer, r
         self.seed = r.vllm_seed if r.vllm_seed is not None else cfg.train.seed
-        self.eos_ids = _eos_ids(tokenizer, model)
+        self.eos_ids = eos_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         device = next(model.parameters()).device
         on_cpu = device.type == "cpu"
