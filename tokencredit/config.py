@@ -148,7 +148,7 @@ class BatchingConfig(_Section):
 
 class TokenWeightsConfig(_Section):
     method: str = Field("none", description="Per-token weighting, a method registered in tokencredit/algo/token_weights.py (registered: " + ", ".join(TOKEN_WEIGHT_METHODS.names()) + "). forking = top-entropy tokens (80/20 paper); forking_low / forking_random = its controls; psr / nsr / w_reinforce = Zhu et al. advantages; positive_only / negative_only = GRPO advantages masked by sign; resrl = ResRL projection residuals. docs/token_weights.md.")
-    top: float = Field(0.2, gt=0.0, le=1.0, description="Forking: kept top fraction by entropy (80/20 paper: 0.2).")
+    top: float = Field(0.2, gt=0.0, le=1.0, description="Forking: kept top fraction by entropy (80/20 paper: 0.2). forking_random keeps the same fraction at random; forking_low keeps the bottom 1 - top.")
     band: tuple[float, float] = Field((0.0, 0.4), description="entropy_band: keep tokens ranked between the top-lo and top-hi entropy fractions; (0, 0.4) = top 40%, where the cancellation paper's value gap peaks (Fig. 5b).")
     lam: float = Field(0.1, ge=0.0, description="W-REINFORCE weight of positive samples.")
     scope: Literal["micro-batch", "mini-batch", "rollout-batch"] = Field("mini-batch", description="Rows over which entropy quantiles are computed. ResRL ignores it: its subspaces are always built per whole group over the update set (docs/token_weights.md).")
