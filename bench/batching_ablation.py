@@ -10,6 +10,7 @@ report is rewritten, so nothing finished is lost.
 
     python bench/batching_ablation.py --steps 16 --seeds 0 1 2 data.difficulty=2 eval.num_problems=200 eval.every=8
     python bench/batching_ablation.py --report-only --runs-root runs   # redraw table + figure from finished runs
+    python bench/batching_ablation.py --smoke   # tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py)
 
 Per run: training reward averaged over the last third of the rollout steps,
 held-out greedy accuracy at the start, at each eval.every and at the end
@@ -32,11 +33,15 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ARMS = ["baseline", "qb", "rb", "qb_rb"]
 ROOT = Path(__file__).resolve().parents[1]
+# --smoke: every arm on the tiny random model, a few tokens, a 2-problem eval at start and end
+SMOKE_OVERRIDES = ["model.name=tiny-random", "model.threads=1", "rollout.max_new_tokens=4", "eval.num_problems=2",
+                   "eval.max_new_tokens=4", "probes.flip.every=0", "output.save_final=false"]
 
 
 def run_arm(arm: str, seed: int, steps: int, runs_root: Path, extra: list[str]) -> Path:
@@ -154,11 +159,19 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
-    ap.add_argument("--runs-root", default="runs")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "batching_ablation.md"))
+    ap.add_argument("--runs-root", default="runs", help="where the runs go (with --smoke: a temp dir)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "batching_ablation.md"), help="the report (with --smoke: a temp dir)")
     ap.add_argument("--report-only", action="store_true", help="no new runs: redraw from RUNS_ROOT/ablation.jsonl")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py): "
+                         "every arm, seed 0, model.name=tiny-random, 4 new tokens, 2 eval problems")
     ap.add_argument("extra", nargs="*", help="extra key=value overrides for every arm")
     args = ap.parse_args()
+    if args.smoke:  # smoke sizes become the defaults: flags given explicitly still win
+        tmp = Path(tempfile.mkdtemp(prefix="batching-ablation-smoke-"))
+        ap.set_defaults(steps=1, seeds=[0], runs_root=str(tmp / "runs"), out=str(tmp / "batching_ablation.md"))
+        args = ap.parse_args()
+        args.extra = [*SMOKE_OVERRIDES, *args.extra]
     runs_root, out = Path(args.runs_root), Path(args.out)
     log = runs_root / "ablation.jsonl"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

@@ -43,6 +43,7 @@ Try it
     .venv/bin/python bench/coupling_bench.py                 # N = 512 2048 8192
     .venv/bin/python bench/coupling_bench.py --ns 512 2048 8192 32768
     .venv/bin/python bench/coupling_bench.py --explicit-pairs 0      # skip the explicit column
+    .venv/bin/python bench/coupling_bench.py --smoke     # tiny sizes (N = 64 128, V = 512, d = 32), every column; for CI (tests/test_scripts_smoke.py)
 """
 
 from __future__ import annotations
@@ -262,10 +263,17 @@ def main() -> None:
                     help="block pairs timed for the explicit per-pair-gradient reference (0 = skip that column)")
     ap.add_argument("--explicit-block", type=int, default=8, help="tokens per materialised gradient block ([block, V*d] floats)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py): "
+                         "--ns 64 128 --vocab 512 --dim 32 --chunk 32 --repeats 1 --full-max 64 --explicit-pairs 1 --threads 1 "
+                         "(N=128 takes the row-blocked pairwise path; this script writes no files)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="chunked", help=argparse.SUPPRESS)
     ap.add_argument("--inputs", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.smoke and not args.worker:  # smoke sizes become the defaults: flags given explicitly still win
+        ap.set_defaults(ns=[64, 128], vocab=512, dim=32, chunk=32, repeats=1, full_max=64, explicit_pairs=1, threads=1)
+        args = ap.parse_args()
     if args.worker:
         return worker(args)
 

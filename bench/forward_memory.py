@@ -20,6 +20,7 @@ purpose, so its activations are a small constant in every row.
 Try it:
     .venv/bin/python bench/forward_memory.py                 # full table
     .venv/bin/python bench/forward_memory.py --rows 4 --resp 64   # quick
+    .venv/bin/python bench/forward_memory.py --smoke     # tiny model (V=4096, H=32), 2 rows, 1 repeat; for CI (tests/test_scripts_smoke.py)
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def child(variant: str, rows: int, prompt: int, resp: int, vocab: int, hidden: i
     }
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=32)
@@ -125,16 +126,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py): "
+                         "--rows 2 --prompt 8 --resp 128 --vocab 4096 --hidden 32 --repeats 1, every variant "
+                         "(this script writes no files)")
     a = ap.parse_args()
+    if a.smoke and not a.child:  # smoke sizes become the defaults: flags given explicitly still win
+        ap.set_defaults(rows=2, prompt=8, resp=128, vocab=4096, hidden=32, repeats=1)
+        a = ap.parse_args()
     shape = dict(rows=a.rows, prompt=a.prompt, resp=a.resp, vocab=a.vocab, hidden=a.hidden, repeats=a.repeats)
 
     if a.child:
         print(json.dumps(child(a.child, **shape)))
-        return
+        return 0
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    results = []
+    results, failed = [], []
     for v in a.variants.split(","):
         args = [sys.executable, os.path.abspath(__file__), "--child", v] + [
             f"--{k}={val}" for k, val in shape.items()
@@ -142,6 +150,7 @@ def main() -> None:
         proc = subprocess.run(args, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(f"{v}: failed (rc {proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
+            failed.append(v)
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
@@ -159,14 +168,18 @@ def main() -> None:
     print(hdr)
     print("-" * len(hdr))
     for r in results:
-        mr = f"{r['step_mb'] / naive['step_mb']:.3f}" if naive else "-"
+        mr = f"{r['step_mb'] / naive['step_mb']:.3f}" if naive and naive["step_mb"] > 0 else "-"  # 0: the step stayed under the warm-up peak
         tr = f"{r['time_s'] / naive['time_s']:.2f}" if naive else "-"
         print(
             f"{r['variant']:<12} {r['peak_mb']:>12.0f} {r['step_mb']:>9.0f} {mr:>9} "
             f"{r['time_s']:>7.2f} {tr:>10} {r['loss']:>10.5f}"
         )
     print("step MiB = peak RSS during the measured steps minus peak RSS before them; ratios are vs naive")
+    if failed:
+        print(f"failed variants: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -37,6 +37,7 @@ Run (repo root):
     python3 bench/gpu_step.py --out $OUT/gpu_step.jsonl             # H200 (est. 1-2 min)
     .venv/bin/python bench/gpu_step.py --model tiny --device cpu \\
         --prompts 2 --prompt-len 16 --response-len 16 --steps 1    # CPU smoke
+    .venv/bin/python bench/gpu_step.py --smoke    # the same CPU smoke, JSON line to a temp dir; for CI (tests/test_scripts_smoke.py)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -161,7 +163,14 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (token count taken in the first)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--out", default=None, help="append a JSON line of the results to this file")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py): "
+                         "--model tiny --device cpu --prompts 2 --prompt-len 16 --response-len 16 --steps 1")
     a = ap.parse_args()
+    if a.smoke:
+        a.model, a.device, a.prompts, a.prompt_len, a.response_len, a.steps = "tiny", "cpu", 2, 16, 16, 1
+        if a.out is None:
+            a.out = os.path.join(tempfile.mkdtemp(prefix="gpu_step-smoke-"), "gpu_step.jsonl")
     if a.warmup < 1 or a.steps < 1:
         ap.error("--warmup and --steps must be >= 1")
     dev = a.device
@@ -227,6 +236,7 @@ def main() -> int:
                    torch=torch.__version__, transformers=transformers.__version__)
         with open(a.out, "a") as f:
             f.write(json.dumps(row) + "\n")
+        print(f"gpu_step: wrote {a.out}")
     return 0
 
 

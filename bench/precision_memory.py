@@ -25,6 +25,7 @@ slopes are the point, not the seconds.
 Try it:
     .venv/bin/python bench/precision_memory.py                       # tiny + SmolLM2 (~4 min on 2 cores)
     .venv/bin/python bench/precision_memory.py --models tiny --resp 16,32   # seconds
+    .venv/bin/python bench/precision_memory.py --smoke     # tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py)
 """
 
 from __future__ import annotations
@@ -107,7 +108,12 @@ def main() -> int:
     ap.add_argument("--resp", default="64,256", help="two response lengths (the per-token slope is between them)")
     ap.add_argument("--chunk-tokens", type=int, default=1024)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py): "
+                         "--models tiny --resp 8,16 --rows 2 (this script writes no files)")
     a = ap.parse_args()
+    if a.smoke and not a.child:
+        a.models, a.resp, a.rows = "tiny", "8,16", 2
     if a.child:
         name, dtype, resp = a.child.split(":")
         print(json.dumps(child(name, dtype, a.rows, a.prompt, int(resp), a.chunk_tokens)))

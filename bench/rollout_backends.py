@@ -20,6 +20,7 @@ tokens equal the first row's (greedy only).
     python bench/rollout_backends.py                                  # both settings, SmolLM2, 2 threads
     python bench/rollout_backends.py --settings eval --max-new-tokens 256 --problems 8
     python bench/rollout_backends.py --device cuda --dtype bfloat16     # on a GPU box (hf rows; vllm if installed)
+    python bench/rollout_backends.py --smoke   # tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py)
 
 Results: docs/results/rollout_backends.md.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,8 +70,10 @@ def _vllm(model, tok, prompts, n, args):
     from tokencredit.config import load_config
     from tokencredit.rollout.vllm import VLLMSampler
 
+    # the engine's context: 4096 prompt tokens, or what the model's positions leave (a small test model)
+    max_prompt = min(4096, getattr(model.config, "max_position_embeddings", 8192) - args.max_new_tokens)
     cfg = load_config(None, [f"rollout.n={n}", f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.temperature={args.temperature}",
-                             f"model.dtype={args.dtype}", "data.max_prompt_tokens=4096"])
+                             f"model.dtype={args.dtype}", f"data.max_prompt_tokens={max_prompt}"])
     t = time.perf_counter()
     s = VLLMSampler(model, tok, cfg)
     start = time.perf_counter() - t
@@ -94,10 +98,28 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--skip", nargs="*", default=[], help="row names to skip, e.g. 'vllm' 'hf dynamic sorted'")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py): "
+                         "a random Llama with head size 64 (one vLLM's CPU kernels serve) saved to a temp dir, the rl "
+                         "setting, 4 new tokens, 1 thread")
     args = ap.parse_args()
+    if args.smoke:
+        from tokencredit.model import save_model
+        from tokencredit.model.tiny import build_tiny
+
+        d = tempfile.mkdtemp(prefix="rollout_backends-smoke-")
+        save_model(*build_tiny(hidden=128, heads=2, layers=2, tie=False), d)
+        args.model, args.settings, args.max_new_tokens, args.threads = d, ["rl"], 4, 1
     torch.set_num_threads(args.threads)
     from tokencredit.model import load_model
-    from tokencredit.rollout.vllm import vllm_available
+
+    try:
+        import vllm  # noqa: F401
+        has_vllm = True
+    except ImportError:
+        has_vllm = False
+        if "vllm" not in args.skip:
+            print("vllm row skipped: vllm is not installed")
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     model.eval()
@@ -113,7 +135,7 @@ def main() -> None:
         prompts, n = _prompts(setting, tok, args)
         results[setting] = [(name, *_hf(model, tok, prompts, n, args, c, srt)) for name, c, srt in rows if name not in args.skip]
     # vLLM last: on CPU its engine binds threads and memory of this process, which would colour later HF rows
-    if vllm_available() and "vllm" not in args.skip:
+    if has_vllm and "vllm" not in args.skip:
         for setting in args.settings:
             prompts, n = _prompts(setting, tok, args)
             results[setting].append(("vllm", *_vllm(model, tok, prompts, n, args)))
@@ -128,6 +150,7 @@ def main() -> None:
             first = first or (rate, resp)
             same = "yes" if resp == first[1] else "no"
             print(f"{name:<20}{ntok:>8}{dt:>9.1f}{rate:>9.1f}{rate / first[0]:>9.2f}x{same:>13}{start:>9.1f}", flush=True)
+    print(f"\nrollout backends: done, {sum(len(r) for r in results.values())} rows")
 
 if __name__ == "__main__":
     main()

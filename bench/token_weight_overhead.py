@@ -3,6 +3,7 @@ same prompts) with `token_weights.method=none` and with each method given,
 side by side in one process, one after the other.
 
     python bench/token_weight_overhead.py --steps 4 --methods resrl,forking [key=value ...]
+    python bench/token_weight_overhead.py --smoke   # tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py)
 
 Reports per-step means over steps 2..N (step 1 pays warm-up) of the whole step,
 the pre-update forward (ResRL needs second-to-last-layer hidden states, which
@@ -25,6 +26,12 @@ from tokencredit.config import load_config
 from tokencredit.trainer import Trainer
 
 
+# --smoke: the tiny random model, a few tokens; no reward-balanced buffer, so the one rollout step also updates
+# (the tiny model's rewards are all 0, and the buffer would hold every zero-advantage row back)
+SMOKE_OVERRIDES = ["model.name=tiny-random", "model.threads=1", "rollout.max_new_tokens=4", "probes.flip.every=0",
+                   "batching.reward_balance.tau=null"]
+
+
 def run(method: str, steps: int, extra: list[str], root: str) -> list[dict]:
     cfg = load_config(None, [f"token_weights.method={method}", f"train.steps={steps}", "eval.num_problems=0",
                              "output.progress=false", "output.save_every=0", f"output.root={root}", f"output.run_name={method}", *extra])
@@ -38,10 +45,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--methods", default="resrl", help="comma-separated methods to compare with none")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py): "
+                         f"--steps 1 {' '.join(SMOKE_OVERRIDES)} (runs go to a temp dir as always)")
     ap.add_argument("extra", nargs="*")
     args = ap.parse_args()
+    if args.smoke:  # smoke sizes become the defaults: flags given explicitly still win
+        ap.set_defaults(steps=1)
+        args = ap.parse_args()
+        args.extra = [*SMOKE_OVERRIDES, *args.extra]
     root = tempfile.mkdtemp(prefix="tw-overhead-")
     res = {m: run(m, args.steps, args.extra, root) for m in ["none", *args.methods.split(",")]}
+    if not all(res.values()):
+        raise SystemExit(f"no update in {[m for m, rows in res.items() if not rows]}: nothing to compare "
+                         "(the reward-balanced buffer held every row back? try more --steps or batching.reward_balance.tau=null)")
 
     def mean(rows, key):
         rows = rows[1:] or rows

@@ -17,6 +17,7 @@ Exit codes: 0 ok, 1 the page looks wrong, 3 no Chromium found (nothing checked).
 Try it
     .venv/bin/python scripts/check_report_render.py runs/my-run            # -> runs/my-run/report.png
     .venv/bin/python scripts/check_report_render.py runs/my-run --png /tmp/shot.png
+    .venv/bin/python scripts/check_report_render.py --smoke   # tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py)
 """
 
 from __future__ import annotations
@@ -78,19 +79,51 @@ def check_png(png: Path, width: int, height: int) -> list[str]:
     return problems
 
 
+def smoke_run_dir() -> Path:
+    """A fresh 1-step tiny-random training run (a small digits data file) in a temp dir; its run directory."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tokencredit.cli import main as cli_main
+
+    root = Path(tempfile.mkdtemp(prefix="check_report_render-smoke-"))
+    data = root / "digits.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say the digit {d}.", "answer": str(d)}) + "\n" for d in range(10)))
+    overrides = {
+        "model.name": "tiny-random", "data.train": str(data), "train.steps": 1, "rollout.prompts_per_step": 4,
+        "rollout.n": 8, "rollout.max_new_tokens": 6, "train.mini_batch_size": 2, "train.micro_batch_size": 8,
+        "train.lr": 1e-3, "eval.num_problems": 0, "batching.planner": "random", "batching.reward_balance.tau": "null",
+        "probes.flip.every": 0, "output.root": str(root / "runs"), "output.run_name": "smoke", "output.progress": False,
+    }
+    rc = cli_main(["train", *(f"{k}={v}" for k, v in overrides.items())])
+    if rc != 0:
+        raise SystemExit(f"check_report_render --smoke: the tiny training run failed (rc {rc})")
+    return root / "runs" / "smoke"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("run_dir", type=Path, nargs="?", help="the run directory (with --smoke: default a fresh tiny run)")
     ap.add_argument("--html", type=Path, help="an existing page to render instead of writing RUN_DIR/report.html")
     ap.add_argument("--png", type=Path, help="screenshot path (default RUN_DIR/report.png)")
     ap.add_argument("--width", type=int, default=1200)
     ap.add_argument("--height", type=int, default=2000)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py): "
+                         "without RUN_DIR, a 1-step tiny-random training run in a temp dir; exits 0 when Chromium is absent")
     a = ap.parse_args(argv)
+    if a.run_dir is None and not a.smoke:
+        ap.error("the following arguments are required: run_dir")
 
     chromium = find_chromium()
+    if chromium is None and a.smoke:
+        print("check_report_render --smoke: skipped, no Chromium found (apt-get install -y chromium, or set $CHROMIUM)")
+        return 0
     if chromium is None:
         print("no Chromium found; install it with `apt-get install -y chromium` (Debian) or set $CHROMIUM", file=sys.stderr)
         return 3
+    if a.run_dir is None:
+        a.run_dir = smoke_run_dir()
     html = a.html
     if html is None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -4,6 +4,7 @@ results: docs/results/replication.md).
     python scripts/replicate.py                       # every part, --size full, seed 0 -> replication/
     python scripts/replicate.py --size small --seed 1 --out replication-s1
     make replicate SIZE=small SEED=1
+    python scripts/replicate.py --smoke   # tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py)
 
 Parts, in order; each writes OUT/<part>.json and is skipped when that file exists, so a
 killed study continues where it stopped (delete a file to redo its part):
@@ -57,6 +58,7 @@ import json
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,7 +89,7 @@ def part_base(out: Path, args) -> dict:
     run = out / "base"
     cmd = [sys.executable, "-m", "tokencredit", "train", *TASK, f"train.steps={args.base_steps}", f"train.seed={args.seed}",
            f"output.root={out}", "output.run_name=base", "output.progress=false", "output.save_final=false",
-           f"model.threads={args.threads}"]
+           f"model.threads={args.threads}", *args.override]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -334,7 +336,7 @@ def value_tables(run: Path, step: int, res: dict, seed: int = 0) -> dict:
     bootstrap over prompts (probes/bootstrap.py gap_ci; the probe's own intervals
     resample tokens), and each estimator's median per-token standard error."""
     from tokencredit.probes.bootstrap import gap_ci
-    from tokencredit.probes.value import ESTIMATORS, _f64 as f
+    from tokencredit.probes.value import ESTIMATORS, as_float as f
     from tokencredit.rundir import read_jsonl, read_parquet
 
     cols = read_parquet(run / "probes" / f"flip_step_{step}.parquet")
@@ -602,11 +604,26 @@ def main() -> None:
     ap.add_argument("--parts", default="base,batch,flip,fresh,momentum,masking,agreement,value", help="comma-separated parts to run (others are skipped)")
     ap.add_argument("--value-M", type=int, default=None, help="continuations per branch of the value part (default: full 32, small 4)")
     ap.add_argument("--value-tokens", type=int, default=None, help="tokens valued (default: full 96, small 8)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override of the base run (repeatable; the probes inherit the run's config)")
     ap.add_argument("--tables", nargs="+", metavar="DIR", help="only print the markdown tables of finished study directories")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py): "
+                         "tiny-random on a small digits data file, --size small, a 1-step base run, every part, then the tables")
     args = ap.parse_args()
     if args.tables:
         print(tables([Path(d) for d in args.tables]))
         return
+    if args.smoke:
+        if args.out is None:
+            args.out = tempfile.mkdtemp(prefix="replicate-smoke-")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        digits = Path(args.out) / "digits.jsonl"  # single-digit answers: the random tiny model sometimes gets one right
+        digits.write_text("".join(json.dumps({"prompt": f"Say the digit {d}.", "answer": str(d)}) + "\n" for d in range(10)) * 2)
+        args.size, args.base_steps, args.threads, args.parts = "small", 1, 1, "base,batch,flip,fresh,momentum,masking,agreement,value"
+        args.override = ["model.name=tiny-random", f"data.train={digits}", "rollout.max_new_tokens=6", "rollout.prompts_per_step=4",
+                         "train.mini_batch_size=2", "train.micro_batch_size=8", "train.lr=1e-3", "batching.planner=random",
+                         "batching.reward_balance.tau=null", *args.override]
     torch.set_num_threads(args.threads)
     args.value_M = args.value_M or (32 if args.size == "full" else 4)
     args.value_tokens = args.value_tokens or (96 if args.size == "full" else 8)
@@ -633,6 +650,9 @@ def main() -> None:
         figures_masking(out)
     if (out / "value.json").exists():
         figures_value(out)
+    if args.smoke:
+        print(tables([out]))
+    print(f"replication: finished parts {args.parts} -> {out}")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,8 @@ class VLLMSampler:
             try:
                 self.llm = vllm.LLM(model=d, tokenizer=d, **kw)
             except Exception as e:  # vLLM's reason, in one line
-                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "errors.pydantic.dev" not in ln]
+                msg = lines[-1] if lines else type(e).__name__  # pydantic ends with a link, not the reason
                 raise ConfigError(f"rollout.backend=vllm: vLLM could not load {cfg.model.name}: {msg}") from e
         self.policy_version = policy_version
         self._asleep = False
