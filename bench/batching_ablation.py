@@ -8,7 +8,8 @@ seed 0, then seed 1, ...), so a cut-short ablation still compares arms on the
 same seeds; every finished run is appended to RUNS_ROOT/ablation.jsonl and the
 report is rewritten, so nothing finished is lost.
 
-    python bench/batching_ablation.py --steps 16 --seeds 0 1 2 data.difficulty=2 eval.num_problems=200 eval.every=8
+    python bench/batching_ablation.py --steps 16 --seeds 0 1 2 data.difficulty=2 eval.num_problems=200 eval.every=8 \
+        probes.flip.every=0 batching.reward_balance.max_age=2   # the run of docs/results/batching_ablation.md
     python bench/batching_ablation.py --report-only --runs-root runs   # redraw table + figure from finished runs
     python bench/batching_ablation.py --smoke   # tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py)
 
