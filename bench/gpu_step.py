@@ -167,8 +167,9 @@ def main() -> int:
                     help="tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py): "
                          "--model tiny --device cpu --prompts 2 --prompt-len 16 --response-len 16 --steps 1")
     a = ap.parse_args()
-    if a.smoke:
-        a.model, a.device, a.prompts, a.prompt_len, a.response_len, a.steps = "tiny", "cpu", 2, 16, 16, 1
+    if a.smoke:  # smoke sizes become the defaults: flags given explicitly still win
+        ap.set_defaults(model="tiny", device="cpu", prompts=2, prompt_len=16, response_len=16, steps=1)
+        a = ap.parse_args()
         if a.out is None:
             a.out = os.path.join(tempfile.mkdtemp(prefix="gpu_step-smoke-"), "gpu_step.jsonl")
     if a.warmup < 1 or a.steps < 1:

@@ -8,9 +8,10 @@ forwards under torch.autocast), and a control with bf16 parameters (what
 model.dtype=bfloat16 did before: no float32 masters). Printed per model and dtype:
   - moved: the fraction of weight elements (with a nonzero gradient) that the
     step changed, min and mean over the 2-D weights;
-  - state: bytes the parameters + gradients + AdamW moments hold, measured (RSS
-    after a warm-up step minus RSS after loading) and expected (16 bytes per
-    parameter: 4 weight + 4 gradient + 8 AdamW);
+  - state: bytes the gradients + AdamW moments add, measured (RSS after a
+    warm-up step minus RSS after loading, so the weights are not in it) and
+    expected (12 bytes per parameter: 4 gradient + 8 AdamW; 16 with the 4-byte
+    float32 weights);
   - activations per token: the step's extra peak RSS at two response lengths;
     its slope over the decoder tokens (rows * (prompt + T)) is the memory per
     token;
@@ -112,8 +113,9 @@ def main() -> int:
                     help="tiny model, 1 step, a few tokens, outputs to a temp dir; for CI (tests/test_scripts_smoke.py): "
                          "--models tiny --resp 8,16 --rows 2 (this script writes no files)")
     a = ap.parse_args()
-    if a.smoke and not a.child:
-        a.models, a.resp, a.rows = "tiny", "8,16", 2
+    if a.smoke and not a.child:  # smoke sizes become the defaults: flags given explicitly still win
+        ap.set_defaults(models="tiny", resp="8,16", rows=2)
+        a = ap.parse_args()
     if a.child:
         name, dtype, resp = a.child.split(":")
         print(json.dumps(child(name, dtype, a.rows, a.prompt, int(resp), a.chunk_tokens)))

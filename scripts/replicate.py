@@ -614,13 +614,14 @@ def main() -> None:
     if args.tables:
         print(tables([Path(d) for d in args.tables]))
         return
-    if args.smoke:
+    if args.smoke:  # smoke sizes become the defaults: flags given explicitly still win
+        ap.set_defaults(size="small", base_steps=1, threads=1)
+        args = ap.parse_args()
         if args.out is None:
             args.out = tempfile.mkdtemp(prefix="replicate-smoke-")
         Path(args.out).mkdir(parents=True, exist_ok=True)
         digits = Path(args.out) / "digits.jsonl"  # single-digit answers: the random tiny model sometimes gets one right
         digits.write_text("".join(json.dumps({"prompt": f"Say the digit {d}.", "answer": str(d)}) + "\n" for d in range(10)) * 2)
-        args.size, args.base_steps, args.threads, args.parts = "small", 1, 1, "base,batch,flip,fresh,momentum,masking,agreement,value"
         args.override = ["model.name=tiny-random", f"data.train={digits}", "rollout.max_new_tokens=6", "rollout.prompts_per_step=4",
                          "train.mini_batch_size=2", "train.micro_batch_size=8", "train.lr=1e-3", "batching.planner=random",
                          "batching.reward_balance.tau=null", *args.override]
