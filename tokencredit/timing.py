@@ -35,6 +35,11 @@ class Stopwatch:
         return out
 
 
+def add_seconds(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    """(wall, CPU) seconds of two intervals added up (a phase that runs in several pieces)."""
+    return a[0] + b[0], a[1] + b[1]
+
+
 def phase_metrics(phase: str, seconds: tuple[float, float]) -> dict[str, float]:
     """{"time_<phase>_s": wall, "cpu_<phase>_s": cpu}."""
     return {f"time_{phase}_s": float(seconds[0]), f"cpu_{phase}_s": float(seconds[1])}

@@ -51,7 +51,7 @@ from tokencredit.model.precision import HALF, check_compute_dtype, master_dtype,
 from tokencredit.probes.flip import flip_records, flip_stats
 from tokencredit.rollout import make_sampler, rollout_step
 from tokencredit.rundir import append_jsonl, read_jsonl, write_jsonl, write_parquet
-from tokencredit.timing import Stopwatch, phase_metrics
+from tokencredit.timing import Stopwatch, add_seconds, phase_metrics
 from tokencredit.tracking import Tracker, open_trackers, require_extras
 from tokencredit.update import LossSpec, loss_normaliser, micro_batches, optimizer_step
 
@@ -258,7 +258,7 @@ class Trainer:
         # weigh: once over the update set (ResRL's subspaces are per whole group: always), or per cut below
         scope = "rollout-batch" if tw.method == "resrl" else tw.scope
         if scope == "rollout-batch":
-            t_tw = _add(t_tw, self._weigh(batch, gen, stats))
+            t_tw = add_seconds(t_tw, self._weigh(batch, gen, stats))
         sw, mb_metrics = Stopwatch(), {}
         for epoch in range(cfg.train.ppo_epochs):
             plan = self.planner(batch.group_id, batch.advantage, batch.response_lengths, rows_per_minibatch(cfg), gen)  # plan
@@ -267,11 +267,11 @@ class Trainer:
             for rows in plan:
                 mini = batch.select(rows)
                 if scope == "mini-batch":
-                    t_tw = _add(t_tw, self._weigh(mini, gen, stats))
+                    t_tw = add_seconds(t_tw, self._weigh(mini, gen, stats))
                 micros = micro_batches(mini, cfg.train.micro_batch_size)
                 if scope == "micro-batch":
                     for u in micros:
-                        t_tw = _add(t_tw, self._weigh(u, gen, stats))
+                        t_tw = add_seconds(t_tw, self._weigh(u, gen, stats))
                 micros, dp = self._rank_share(micros)
                 st = optimizer_step(  # step: one normaliser for the whole mini-batch
                     self.model, self.optimizer, micros, self.loss_spec, temperature=cfg.rollout.logprob_temperature,
@@ -385,7 +385,7 @@ class Trainer:
             rec = flip_records(delta, batch.advantage, batch.response_mask, batch.response_ids, batch.entropy, before,
                                self.policy_version, group_id=batch.group_id, prompt_index=batch.prompt_index)
             write_parquet(self.run_dir / "probes" / f"flip_step_{self.rollout_step}.parquet", rec)
-        out.update(phase_metrics("flip_probe", _add(t_before, sw.lap())))
+        out.update(phase_metrics("flip_probe", add_seconds(t_before, sw.lap())))
         return out
 
     # ---------------------------------------------------------------- eval
@@ -572,11 +572,6 @@ class Trainer:
             print(f"tokencredit: {msg}", flush=True)
         self.sampler.sync_weights(self.model, self.policy_version)
         log.info("resumed from %s (rollout step %d)", ck, self.rollout_step)
-
-
-def _add(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
-    """(wall, CPU) seconds added up."""
-    return a[0] + b[0], a[1] + b[1]
 
 
 def _check_world(cfg: Config, world: int) -> None:

@@ -20,7 +20,7 @@ from tokencredit.batch import RolloutBatch
 from tokencredit.batching import groups_with_signal
 from tokencredit.data.promptset import PromptSet
 from tokencredit.rewards.functions import merge_stats
-from tokencredit.timing import Stopwatch, phase_metrics
+from tokencredit.timing import Stopwatch, add_seconds, phase_metrics
 
 
 @dataclass
@@ -57,10 +57,6 @@ def groups_all_equal(batch: RolloutBatch) -> float:
     return sum(eq) / max(len(eq), 1)
 
 
-def _add(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
-    return a[0] + b[0], a[1] + b[1]
-
-
 def rollout_step(sampler, prompts: PromptSet, verifier, cfg, *, cursor: int, policy_version: int) -> RolloutOutput:
     """prompts_per_step prompts x n responses from position `cursor` of the prompt
     stream, or, with rollout.dynamic_sampling, as many rounds (<= max_gen_rounds)
@@ -78,7 +74,7 @@ def rollout_step(sampler, prompts: PromptSet, verifier, cfg, *, cursor: int, pol
         rst = score(batch, idx, prompts, verifier, cfg, policy_version)
         rw = sw.lap()
         cursor += len(idx)
-        rounds, t_gen, t_rew = rounds + 1, _add(t_gen, g), _add(t_rew, rw)
+        rounds, t_gen, t_rew = rounds + 1, add_seconds(t_gen, g), add_seconds(t_rew, rw)
         parts.append(batch)
         rparts.append((len(batch), rst))
         if not r.dynamic_sampling:
