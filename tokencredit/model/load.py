@@ -39,18 +39,9 @@ from pathlib import Path
 
 import torch
 
-ALIASES = ("smollm2-135m-instruct", "tiny-random")
+from tokencredit.model.precision import COMPUTE_DTYPES, PrecisionError, parse
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-}
+ALIASES = ("smollm2-135m-instruct", "tiny-random")
 
 
 class ModelLoadError(RuntimeError):
@@ -122,12 +113,11 @@ def save_model(model, tokenizer, directory: str | os.PathLike, all_ranks: bool =
 
 # ---------------------------------------------------------------- resolution
 def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).strip().lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ModelLoadError(f"unknown dtype '{dtype}'; use one of: float32, bfloat16, float16, float64")
-    return _DTYPES[key]
+    """The dtype a name stands for (aliases: model/precision.py `parse`); ModelLoadError otherwise."""
+    try:
+        return parse(dtype)
+    except PrecisionError:
+        raise ModelLoadError(f"unknown dtype '{dtype}'; use one of: {', '.join(COMPUTE_DTYPES)}") from None
 
 
 def _smollm2_gguf() -> tuple[str, str]:
